@@ -1,0 +1,1 @@
+"""xentlit: cross-entropy classifiers done right, on PyTorch Lightning + Hydra."""
