@@ -1,1 +1,19 @@
 """xentlit: cross-entropy classifiers done right, on PyTorch Lightning + Hydra."""
+
+from xentlit.data import DigitsDataModule, FileDataModule, SyntheticDataModule, TensorBatchDataset, TensorDataModule
+from xentlit.losses import CrossEntropyLoss, class_weights, cross_entropy
+from xentlit.module import XentModule
+from xentlit.nets import MLP
+
+__all__ = [
+    "MLP",
+    "CrossEntropyLoss",
+    "DigitsDataModule",
+    "FileDataModule",
+    "SyntheticDataModule",
+    "TensorBatchDataset",
+    "TensorDataModule",
+    "XentModule",
+    "class_weights",
+    "cross_entropy",
+]

@@ -1,0 +1,163 @@
+"""The LightningModule under a real Trainer: metrics against hand computations, exact accumulation, subclassing."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score, recall_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+from xentlit import MLP, CrossEntropyLoss, TensorBatchDataset, XentModule
+from xentlit.data import collate_batch
+
+IGNORE = -100
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def _loader(x, y, batch_size=8, shuffle=False):
+    return DataLoader(TensorBatchDataset(x, y), batch_size=batch_size, shuffle=shuffle, collate_fn=collate_batch)
+
+
+def _hand_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return ece
+
+
+def test_evaluation_metrics_match_hand_computation_and_honour_ignore_index():
+    torch.manual_seed(0)
+    x = torch.randn(50, 6)
+    y = torch.randint(0, 4, (50,))
+    y[[1, 5, 9, 30, 44]] = IGNORE
+    weights = [1.0, 2.0, 0.5, 1.5]
+    module = XentModule(MLP(6, 4, hidden_sizes=[8]), loss=CrossEntropyLoss(class_weights=weights, label_smoothing=0.1))
+    [metrics] = _trainer().validate(module, dataloaders=_loader(x, y, batch_size=7), verbose=False)
+
+    with torch.no_grad():
+        logits = module(x)
+    keep = y != IGNORE
+    expected_loss = F.cross_entropy(logits, y, weight=torch.tensor(weights), label_smoothing=0.1)
+    probs = logits[keep].softmax(1).numpy()
+    labels = y[keep].numpy()
+    preds = probs.argmax(1)
+    assert metrics["val/loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx((preds == labels).mean(), abs=1e-6)
+    assert metrics["val/f1_macro"] == pytest.approx(f1_score(labels, preds, average="macro", labels=range(4)), abs=1e-5)
+    assert metrics["val/balanced_acc"] == pytest.approx(
+        recall_score(labels, preds, average="macro", labels=range(4), zero_division=0), abs=1e-5)
+    assert metrics["val/ece"] == pytest.approx(_hand_ece(probs, labels), abs=1e-5)
+
+
+def _accumulation_run(x, y, loss, normalization: str, accumulate: int, batch_size: int) -> nn.Module:
+    torch.manual_seed(1)
+    net = MLP(5, 4, hidden_sizes=[7]).double()
+    module = XentModule(net, loss=copy.deepcopy(loss), optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+                        loss_normalization=normalization)
+    trainer = _trainer(max_steps=1, accumulate_grad_batches=accumulate, precision="64-true", limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=_loader(x, y, batch_size=batch_size))
+    return module.net
+
+
+def test_gradient_accumulation_equals_one_big_batch_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(32, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (32,))
+    y[[0, 1, 2, 3, 4, 9, 17]] = IGNORE  # uneven: the first micro-batch loses 5 of 8 rows
+    loss = CrossEntropyLoss(class_weights=[1.0, 3.0, 0.5, 2.0], label_smoothing=0.1)
+
+    big = _accumulation_run(x, y, loss, "local", accumulate=1, batch_size=32)
+    exact = _accumulation_run(x, y, loss, "auto", accumulate=4, batch_size=8)
+    naive = _accumulation_run(x, y, loss, "local", accumulate=4, batch_size=8)
+    for p_big, p_exact, p_naive in zip(big.parameters(), exact.parameters(), naive.parameters()):
+        torch.testing.assert_close(p_exact, p_big, atol=1e-10, rtol=0)
+    gap = max((a - b).abs().max().item() for a, b in zip(big.parameters(), naive.parameters()))
+    assert gap > 1e-4, "the naive per-micro-batch mean should not match the big batch"
+
+
+def test_hyperparameters_hold_no_modules_and_checkpoints_load_weights_only(tmp_path):
+    module = XentModule(MLP(6, 3), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    assert set(module.hparams) == {"num_classes", "loss_normalization", "ece_bins", "compile"}
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    trainer = _trainer(max_epochs=1, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=_loader(x, y), val_dataloaders=_loader(x, y))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 3
+    restored = XentModule.load_from_checkpoint(path, net=MLP(6, 3), weights_only=True)
+    for a, b in zip(module.net.parameters(), restored.net.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_class_weight_strategy_is_fitted_from_the_datamodule_counts():
+    from xentlit import TensorDataModule
+
+    torch.manual_seed(0)
+    x = torch.randn(120, 4)
+    y = torch.cat([torch.zeros(90, dtype=torch.long), torch.ones(20, dtype=torch.long), torch.full((10,), 2)])
+    dm = TensorDataModule(x, y, batch_size=16, val_fraction=0.2, test_fraction=0.0)
+    module = XentModule(MLP(4, 3, hidden_sizes=[4]), loss=CrossEntropyLoss(class_weights="balanced"))
+    _trainer(max_epochs=1).fit(module, datamodule=dm)
+    counts = dm.class_counts
+    expected = counts.sum() / (3 * counts)
+    torch.testing.assert_close(module.loss.weight, expected.float())
+
+
+def test_onecycle_total_steps_is_filled_from_the_trainer():
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    scheduler = {"scheduler": functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1), "interval": "step"}
+    module = XentModule(MLP(6, 3), scheduler=scheduler)
+    trainer = _trainer(max_epochs=3, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=_loader(x, y, batch_size=8))
+    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 15
+
+
+def test_bad_module_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="loss_normalization.*'everywhere'"):
+        XentModule(MLP(4, 3), loss_normalization="everywhere")
+    with pytest.raises(ValueError, match="num_classes"):
+        XentModule(nn.Linear(4, 3))
+
+
+class WiderModule(XentModule):
+    """A subclass from outside the package: its own network, loss hook and an extra metric."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        net = nn.Sequential(nn.Linear(in_features, 32), nn.Tanh(), nn.Linear(32, num_classes))
+        super().__init__(net, num_classes=num_classes, optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+        self.loss_calls = 0
+
+    def compute_loss(self, logits, target):
+        self.loss_calls += 1
+        return super().compute_loss(logits, target)
+
+
+def test_subclass_outside_the_package_trains():
+    from xentlit import DigitsDataModule
+
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    module = WiderModule(dm.num_features, dm.num_classes)
+    trainer = _trainer(max_epochs=5)
+    trainer.fit(module, datamodule=dm)
+    [metrics] = trainer.test(module, datamodule=dm, verbose=False)
+    assert module.loss_calls > 0
+    assert metrics["test/acc"] > 0.9

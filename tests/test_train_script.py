@@ -1,0 +1,94 @@
+"""End-to-end: the real scripts/train.py in subprocesses — default run, overrides, -m sweep, DDP, user subclass."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_dirs, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_run_reaches_95_percent_on_digits(tmp_path):
+    """The README's no-argument command, as is: trains on CPU, tests the best checkpoint, writes metrics.json."""
+    result = run_script("train.py", cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    summary = read_metrics(run)
+    assert summary["metrics"]["test/acc"] >= 0.95
+    assert summary["best_checkpoint"].startswith(str(run))
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "csv" / "metrics.csv").exists()
+    assert (run / ".hydra" / "config.yaml").exists()
+    assert "test/acc" in result.stdout and "final metrics" in result.stdout
+
+
+def test_overrides_change_the_run(tmp_path):
+    run_script("train.py", "loss.label_smoothing=0.1", "loss.class_weights=balanced", "optimizer=adamw",
+               "optimizer.lr=3e-3", "trainer.max_epochs=2", "scheduler=cosine", cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    config = (run / ".hydra" / "config.yaml").read_text()
+    assert "label_smoothing: 0.1" in config and "AdamW" in config and "CosineAnnealingLR" in config
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    weight = checkpoint["state_dict"]["loss.weight"]
+    assert weight.shape == (10,) and not torch.allclose(weight, torch.ones(10))  # balanced weights were fitted
+
+
+def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path):
+    run_script("train.py", "-m", "loss.label_smoothing=0,0.2", "seed=1,2", "trainer.max_epochs=1", cwd=tmp_path)
+    runs = run_dirs(tmp_path / "outputs")
+    assert len(runs) == 4
+    smoothing = sorted(
+        (json.loads(json.dumps(read_metrics(r)))["metrics"]["test/acc"] is not None, (r / ".hydra" / "overrides.yaml").read_text())
+        for r in runs
+    )
+    assert all(ok for ok, _ in smoothing)
+    assert sum("loss.label_smoothing=0.2" in text for _, text in smoothing) == 2
+
+
+def test_ddp_cpu_two_processes_one_run_dir(tmp_path):
+    result = run_script("train.py", "trainer=ddp_cpu", "trainer.max_epochs=2", cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    assert (tmp_path / "outputs" / "train" / "runs").is_dir()
+    assert len(list((tmp_path / "outputs" / "train" / "runs").iterdir())) == 1
+    summary = read_metrics(run)
+    assert summary["metrics"]["test/acc"] > 0.5
+    assert "world_size=2" in result.stdout + result.stderr or "GLOBAL_RANK: 1" in result.stdout + result.stderr
+    # the checkpoint written under DDP loads on one process
+    from xentlit import MLP, XentModule
+
+    module = XentModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", net=MLP(64, 10), weights_only=True)
+    assert module.num_classes == 10
+
+
+def test_subclass_defined_outside_the_package_trains_through_the_script(tmp_path):
+    project = tmp_path / "myproject"
+    project.mkdir()
+    (project / "mymodels.py").write_text(textwrap.dedent('''
+        import torch
+        from xentlit import XentModule, DigitsDataModule
+
+        class ScaledModule(XentModule):
+            """Divides logits by a learned temperature."""
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+            def forward(self, x):
+                return self.net(x) / self.log_temperature.exp()
+
+        class HalfDigits(DigitsDataModule):
+            """Only the even-numbered rows of digits."""
+            def load(self):
+                x, y, names = super().load()
+                return x[::2], y[::2], names
+    '''))
+    run_script("train.py", "module._target_=mymodels.ScaledModule", "data._target_=mymodels.HalfDigits",
+               "trainer.max_epochs=3", cwd=tmp_path, env={"PYTHONPATH": str(project)})
+    [run] = run_dirs(tmp_path / "outputs")
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "log_temperature" in state and state["log_temperature"].item() != 0.0
+    assert read_metrics(run)["metrics"]["test/acc"] > 0.5
