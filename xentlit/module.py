@@ -32,6 +32,22 @@ NORMALIZATIONS = ("auto", "local", "global")
 STAGES = ("train", "val", "test")
 
 
+class WeightedMean(MeanMetric):
+    """``MeanMetric`` without a per-step NaN check (no host sync) that keeps its weights.
+
+    torchmetrics' own ``nan_strategy="disable"`` replaces the weights by ones
+    (Lightning-AI/torchmetrics#3434, fix pending in #3433); this keeps them.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(nan_strategy="disable", **kwargs)
+
+    def _cast_and_nan_check_input(self, x: Any, weight: Any = None) -> tuple[Tensor, Tensor]:
+        x = torch.as_tensor(x, device=self.device)
+        weight = torch.ones_like(x) if weight is None else torch.as_tensor(weight, device=self.device)
+        return x.to(self.dtype), weight.to(self.dtype)
+
+
 class XentModule(LightningModule):
     """Train ``net`` with a cross-entropy ``loss``; log loss, accuracy, macro-F1, balanced accuracy and ECE.
 
@@ -89,7 +105,7 @@ class XentModule(LightningModule):
         self.ignore_index = self.loss.ignore_index
         for stage in STAGES:  # attributes, not a ModuleDict: "train" would clash with nn.Module.train
             setattr(self, f"{stage}_metrics", self.configure_metrics(stage))
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_loss", WeightedMean())
         self.val_acc_best = MaxMetric()
         # Not a buffer: DDP would broadcast rank 0's value over every rank's own running sum.
         self._denominator: Tensor | None = None
