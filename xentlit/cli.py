@@ -6,9 +6,16 @@ LightningModule, callbacks, loggers and a Trainer; then fit, then test of the be
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import os
+import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +54,102 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, module, trainer
 
 
+def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[[], Any]:
+    """The ``main`` of a script in ``scripts/``: registers the schemas, composes ``conf/<config_name>.yaml``
+    (Hydra overrides and ``-m`` sweeps from the command line) and calls ``run`` with the config."""
+    import hydra
+
+    from xentlit.config import register_configs
+
+    register_configs()
+    _use_one_run_dir_per_job()
+    config_dir = Path(sys.modules["__main__"].__file__ or ".").resolve().parents[1] / "conf"
+    main = hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(run)
+
+    def entry() -> Any:
+        sys.argv = _argv_for_external_rank(sys.argv)
+        return main()
+
+    return entry
+
+
+def _argv_for_external_rank(argv: list[str]) -> list[str]:
+    """Under ``torchrun`` every rank runs the script: only global rank 0 gets a run directory.
+
+    The other ranks write nothing of their own (loggers, checkpoints and metrics are rank-0-only and
+    checkpoint paths are broadcast from rank 0), so Hydra is pointed at a scratch folder for them.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0":
+        return argv
+    scratch = tempfile.mkdtemp(prefix=f"xentlit-rank{os.environ['RANK']}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [*argv, f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+
+
+def _job_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
+    """Command for Lightning's DDP child processes: this one job again, in this job's own directory.
+
+    Lightning's default re-runs the whole command line, so a ``-m`` sweep would start a second sweep
+    in every child, with per-rank run folders; re-running just this job's overrides keeps one run
+    directory per job, in single runs and sweeps alike.
+    """
+    import __main__
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    hydra_cfg = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, os.path.abspath(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += list(hydra_cfg.overrides.task)
+    command += [
+        f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"',
+        "hydra.output_subdir=null",
+        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
+    ]
+    return command, get_original_cwd()
+
+
+def _use_one_run_dir_per_job() -> None:
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
+        raise RuntimeError("this Lightning version launches DDP children differently; xentlit needs an update")
+    subprocess_script._hydra_subprocess_cmd = _job_subprocess_cmd
+
+
+# What Lightning's DDP launcher writes into the launching process's environment.
+_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def _distributed_job() -> Iterator[None]:
+    """Leave no DDP state behind, so the next job of a ``-m`` sweep launches its own processes.
+
+    Lightning's launcher sets ``LOCAL_RANK`` (and friends) in the launching process, which would make the
+    next job believe an external launcher created its processes; the process group is also left open.
+    """
+    saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
+    with _distributed_job():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module, trainer = build(cfg)
