@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# CI runs on 2 shared cores with several processes at once (xdist workers, DDP ranks): one intra-op thread
+# per process avoids oversubscription, which slows small-MLP steps by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 CONF = ROOT / "conf"

@@ -114,7 +114,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "files": schema(data.FileDataModule),
     },
     "model": {"mlp": schema(nets.MLP, exclude=("in_features", "num_classes"))},
-    "loss": {"cross_entropy": schema(losses.CrossEntropyLoss)},
+    "loss": {name: schema(cls) for name, cls in losses.LOSSES.items()},
     "module": {"xent": schema(module.XentModule, exclude=("net", "loss", "optimizer", "scheduler", "num_classes"))},
     "optimizer": {
         "sgd": schema(torch.optim.SGD, partial=True, exclude=("params",), lr=(float, 0.1)),

@@ -655,3 +655,8 @@ def cross_entropy(
     if class_weights is not None:
         loss.weight = _weights_tensor(class_weights, check_values=False)
     return loss(logits, target)
+
+
+# Config name -> loss class: every entry gets a structured-config schema (xentlit/config.py) and a
+# `conf/loss/<name>.yaml`; loss variants register themselves here.
+LOSSES: dict[str, type[CrossEntropyLoss]] = {"cross_entropy": CrossEntropyLoss}
