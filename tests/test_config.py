@@ -52,7 +52,9 @@ def _instantiate_option(cfg, group: str, option: str, tmp_path):
         return instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     if group in {"logger", "callbacks"}:
         return [instantiate(entry) for entry in (cfg[group] or {}).values()]
-    if group in {"experiment", "debug"}:
+    if group == "precision":
+        return instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False)
+    if group in {"experiment", "debug", "launcher"}:
         return cfg
     raise AssertionError(f"no instantiation rule for group {group}")
 
@@ -76,6 +78,19 @@ def test_every_shipped_option_composes_and_instantiates(compose, group, option, 
         assert type(obj).__name__.lower() == option.replace("adamw", "adamw")
     if group == "loss":
         assert obj(torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])).ndim == 0
+    if group == "precision":
+        # Lightning runs fp16 autocast as bf16 on a CPU (with a warning): there is no fp16 AMP there
+        fp16 = "16-mixed" if torch.cuda.is_available() else "bf16-mixed"
+        assert obj.precision == {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": fp16}[option]
+
+
+def test_slurm_launcher_config_composes_with_the_submitit_plugin(compose):
+    cfg = compose("launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                  return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+    assert cfg.trainer.strategy == "ddp"
 
 
 def test_default_config_is_digits_mlp_cross_entropy(compose, tmp_path):

@@ -161,3 +161,19 @@ def test_subclass_outside_the_package_trains():
     [metrics] = trainer.test(module, datamodule=dm, verbose=False)
     assert module.loss_calls > 0
     assert metrics["test/acc"] > 0.9
+
+
+class DtypeRecorder(XentModule):
+    def compute_loss(self, logits, target):
+        loss_sum, denominator = super().compute_loss(logits, target)
+        self.seen = (logits.dtype, loss_sum.dtype)
+        return loss_sum, denominator
+
+
+def test_bf16_mixed_precision_computes_the_loss_in_float32():
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    module = DtypeRecorder(MLP(6, 3, hidden_sizes=[16]))
+    trainer = _trainer(max_epochs=2, precision="bf16-mixed", limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=_loader(x, y, batch_size=16))
+    assert module.seen == (torch.bfloat16, torch.float32)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
