@@ -161,12 +161,10 @@ class XentModule(LightningModule):
         logits = self(x)
         loss_sum, denominator = self.compute_loss(logits, y)
         mean = loss_sum / denominator.clamp_min(torch.finfo(loss_sum.dtype).tiny)
-        loss_metric, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
-        loss_metric.update(mean.detach(), weight=denominator)
+        # Only updates here: per-step `self.log` of metric objects costs Lightning more than the MLP step.
+        getattr(self, f"{stage}_loss").update(mean.detach(), weight=denominator)
         hard = y if not y.is_floating_point() else y.argmax(dim=1)
-        metrics.update(logits.detach().float().softmax(dim=1), hard)
-        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage != "test")
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        getattr(self, f"{stage}_metrics").update(logits.detach().float().softmax(dim=1), hard)
         return {"loss_sum": loss_sum, "denominator": denominator, "mean": mean, "logits": logits.detach(), "target": y}
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -209,11 +207,29 @@ class XentModule(LightningModule):
         # The sanity check ran validation before training: it must not count as the best epoch.
         self.val_acc_best.reset()
 
+    def log_epoch_metrics(self, stage: str) -> dict[str, Tensor]:
+        """Compute (synced across DDP ranks by torchmetrics), log and reset the stage's epoch metrics."""
+        loss_metric, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
+        if not loss_metric.update_called:
+            return {}
+        values = {f"{stage}/loss": loss_metric.compute(), **metrics.compute()}
+        loss_metric.reset()
+        metrics.reset()
+        self.log_dict(values, prog_bar=stage != "test")
+        return values
+
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch_metrics("train")
+
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        values = self.log_epoch_metrics("val")
+        if self.trainer.sanity_checking or "val/acc" not in values:
             return
-        self.val_acc_best.update(self.val_metrics["acc"].compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=False)
+        self.val_acc_best.update(values["val/acc"])
+        self.log("val/acc_best", self.val_acc_best.compute())
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
 
     # ----------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
