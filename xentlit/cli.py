@@ -22,10 +22,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 METRICS_FILE = "metrics.json"
+RUN_INFO_KEY = "xentlit"
 
 
 def _instantiate_group(node: DictConfig | None) -> list[Any]:
@@ -35,23 +37,78 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in node.values() if entry is not None and "_target_" in entry]
 
 
-def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
-    """Instantiate the datamodule, the module (with its network and loss) and the trainer from ``cfg``."""
-    datamodule = instantiate(cfg.data)
-    net = instantiate(cfg.model, in_features=datamodule.num_features, num_classes=datamodule.num_classes)
+def build_module(cfg: DictConfig, num_features: int, num_classes: int) -> pl.LightningModule:
+    """The LightningModule of ``cfg`` (network, loss, optimiser, scheduler) for the given data shape."""
+    net = instantiate(cfg.model, in_features=num_features, num_classes=num_classes)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    module = instantiate(
+    return instantiate(
         cfg.module,
         net=net,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
-        num_classes=datamodule.num_classes,
+        num_classes=num_classes,
     )
-    callbacks = _instantiate_group(cfg.get("callbacks"))
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Callback, ...] = ()) -> pl.Trainer:
+    """The Trainer of ``cfg`` with its loggers and callbacks."""
+    callbacks = [*_instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    return datamodule, module, trainer
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
+    """Instantiate the datamodule, the module (with its network and loss) and the trainer from ``cfg``."""
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule.num_features, datamodule.num_classes)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return datamodule, module, build_trainer(cfg, extra_callbacks=(RunInfoInCheckpoint(resolved),))
+
+
+class RunInfoInCheckpoint(Callback):
+    """Stores the resolved run config, the class names and the input statistics in every checkpoint,
+    so that a checkpoint alone rebuilds its model (``scripts/eval.py``, ``scripts/predict.py``)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        datamodule = trainer.datamodule
+        info: dict[str, Any] = {"config": self.config}
+        if datamodule is not None:
+            info["class_names"] = list(getattr(datamodule, "class_names", []) or [])
+            info["num_features"] = getattr(datamodule, "num_features", None)
+            for name in ("feature_mean", "feature_std"):
+                value = getattr(datamodule, name, None)
+                if isinstance(value, torch.Tensor):
+                    info[name] = value.detach().cpu()
+        checkpoint[RUN_INFO_KEY] = info
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU (weights only), with a clear error for missing or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated zips and pickles
+        raise ValueError(
+            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(err).__name__}: {err}); "
+            "use another checkpoint of the run (e.g. last.ckpt or the best one)"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    return checkpoint
+
+
+def run_info(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The run information that :class:`RunInfoInCheckpoint` stored in ``checkpoint``."""
+    info = checkpoint.get(RUN_INFO_KEY)
+    if not info:
+        raise ValueError(f"{path} was not written by xentlit's training script: it holds no run config")
+    return info
 
 
 def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[[], Any]:
@@ -205,6 +262,86 @@ def _write_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for name, value in sorted(summary["metrics"].items()):
         if name.startswith("test/"):
             table.add_row(name, f"{value:.4f}")
-    for key in ("best_epoch", "best_checkpoint", "run_dir", "wall_time_s"):
-        table.add_row(key, str(summary[key]))
+    for key, value in summary.items():
+        if key != "metrics":
+            table.add_row(key, str(value))
     Console().print(table)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Re-test a checkpoint on the test split of the data it was trained on; write ``metrics.json``."""
+    with _distributed_job():
+        started = time.perf_counter()
+        checkpoint = load_checkpoint(cfg.ckpt_path)
+        run_cfg = OmegaConf.create(run_info(checkpoint, cfg.ckpt_path)["config"])
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = instantiate(run_cfg.data)
+        module = build_module(run_cfg, datamodule.num_features, datamodule.num_classes)
+        trainer = build_trainer(cfg)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=str(cfg.ckpt_path), verbose=False)
+        metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+        summary = {
+            "metrics": metrics,
+            "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+            "epoch": checkpoint.get("epoch"),
+            "run_dir": str(Path(trainer.default_root_dir).resolve()),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+        }
+        _write_summary(summary, Path(trainer.default_root_dir))
+        return metrics
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Class predictions and probabilities for the rows of ``cfg.input``, written as CSV to ``cfg.output``.
+
+    Needs only the checkpoint: the network, the class names and the training split's standardisation are
+    rebuilt from what :class:`RunInfoInCheckpoint` stored. Runs on the CPU unless ``cfg.device`` says otherwise.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from xentlit.data import read_table
+
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    info = run_info(checkpoint, cfg.ckpt_path)
+    run_cfg = OmegaConf.create(info["config"])
+    class_names = list(info["class_names"])
+    num_features = int(info["num_features"])
+    data_cfg = run_cfg.get("data", {})
+    x, _ = read_table(
+        cfg.input,
+        label_column=data_cfg.get("label_column", "label"),
+        feature_columns=data_cfg.get("feature_columns"),
+        require_label=False,
+    )
+    if x.ndim != 2 or x.shape[1] != num_features:
+        raise ValueError(
+            f"{cfg.input} has {x.shape[1] if x.ndim == 2 else x.shape} feature columns but the model in "
+            f"{cfg.ckpt_path} was trained on {num_features}"
+        )
+    if not np.isfinite(x).all():
+        row, col = map(int, np.argwhere(~np.isfinite(x))[0])
+        raise ValueError(f"{cfg.input} has non-finite features, first at row {row}, column {col}")
+    features = torch.as_tensor(x, dtype=torch.float32)
+    if "feature_mean" in info:
+        features = (features - info["feature_mean"].float()) / info["feature_std"].float()
+
+    module = build_module(run_cfg, num_features, len(class_names))
+    module.load_state_dict(checkpoint["state_dict"])
+    device = torch.device(cfg.device)
+    module.to(device).eval()
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(features), cfg.batch_size):
+            logits = module(features[start : start + cfg.batch_size].to(device))
+            probs.append(logits.float().softmax(dim=1).cpu())
+    prob = torch.cat(probs).numpy() if probs else np.zeros((0, len(class_names)))
+    index = prob.argmax(axis=1)
+    table = pd.DataFrame({"prediction": [class_names[i] for i in index], "class_index": index})
+    for k, name in enumerate(class_names):
+        table[f"prob_{name}"] = prob[:, k]
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False)
+    print(f"wrote {len(table)} predictions to {output}")
+    return output

@@ -105,6 +105,32 @@ class TrainConfig:
     optimized_metric: str = "val/acc_best"
 
 
+@dataclass
+class EvalConfig:
+    """The top level of ``conf/eval.yaml``."""
+
+    trainer: Any = None
+    logger: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    task_name: str = "eval"
+    ckpt_path: str = MISSING
+    seed: int = 42
+
+
+@dataclass
+class PredictConfig:
+    """The top level of ``conf/predict.yaml``."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    task_name: str = "predict"
+    ckpt_path: str = MISSING
+    input: str = MISSING
+    output: str = MISSING
+    batch_size: int = 4096
+    device: str = "cpu"
+
+
 _tensorboard = getattr(pl_loggers, "TensorBoardLogger")
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -151,6 +177,8 @@ def register_configs() -> None:
     """Register the schemas (group ``schema/<group>``), the top-level schema and xentlit's resolvers."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="predict_schema", node=PredictConfig)
     for group, nodes in SCHEMAS.items():
         for name, node in nodes.items():
             store.store(group=f"schema/{group}", name=name, node=node, package="_here_")

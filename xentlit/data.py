@@ -993,63 +993,8 @@ class FileDataModule(TensorDataModule):
 
     def _read(self, path: str) -> tuple[np.ndarray, np.ndarray]:
         """(features, raw labels) from one file."""
-        p = Path(path)
-        suffix = _check_suffix("path", path)
-        if not p.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        if suffix == ".npz":
-            return self._read_npz(p)
-        import pandas as pd
-
-        df = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
-        columns = [str(c) for c in df.columns]
-        df.columns = columns
-        if self.label_column not in columns:
-            raise ValueError(
-                f"label column {self.label_column!r} not found in {path}; "
-                f"available columns: {columns}"
-            )
-        if self.feature_columns is not None:
-            missing = [c for c in self.feature_columns if c not in columns]
-            if missing:
-                raise ValueError(
-                    f"feature column(s) {missing} not found in {path}; available columns: {columns}"
-                )
-            feats = list(self.feature_columns)
-        else:
-            feats = [c for c in columns if c != self.label_column]
-        if not feats:
-            raise ValueError(f"{path} has no feature columns besides {self.label_column!r}")
-        non_numeric = [c for c in feats if not pd.api.types.is_numeric_dtype(df[c])]
-        if non_numeric:
-            raise ValueError(
-                f"non-numeric feature column(s) in {path}: "
-                + ", ".join(f"{c!r} ({df[c].dtype})" for c in non_numeric)
-            )
-        x = df[feats].to_numpy(dtype=np.float64)
-        return x, df[self.label_column].to_numpy()
-
-    def _read_npz(self, p: Path) -> tuple[np.ndarray, np.ndarray]:
-        if self.feature_columns is not None and len(self.feature_columns) != 1:
-            raise ValueError(
-                f"for .npz files feature_columns must name one array key, got {self.feature_columns}"
-            )
-        x_key = self.feature_columns[0] if self.feature_columns else "x"
-        try:
-            with np.load(p, allow_pickle=False) as npz:
-                keys = list(npz.files)
-                for what, key in (("label", self.label_column), ("feature", x_key)):
-                    if key not in keys:
-                        raise ValueError(
-                            f"{what} array {key!r} not found in {p}; available keys: {keys}"
-                        )
-                x, raw = npz[x_key], npz[self.label_column]
-        except ValueError as err:
-            if "allow_pickle" in str(err):
-                raise ValueError(f"{p} holds object arrays; store numeric or string arrays") from err
-            raise
-        if x.dtype.kind not in "biuf":
-            raise ValueError(f"feature array {x_key!r} in {p} is not numeric (dtype {x.dtype})")
+        x, raw = read_table(path, self.label_column, self.feature_columns)
+        assert raw is not None
         return x, raw
 
     def _encode_labels(
@@ -1110,6 +1055,75 @@ class FileDataModule(TensorDataModule):
                 )
             names = (names or []) + [str(i) for i in range(len(names or []), k)]
         return y, names
+
+
+def read_table(
+    path: str | Path,
+    label_column: str | None = "label",
+    feature_columns: Sequence[str] | None = None,
+    require_label: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(features, raw labels)`` from a CSV, Parquet or NPZ file, with errors that name what is wrong.
+
+    Features are every column except the label (or ``feature_columns``); for ``.npz`` the features are the
+    array ``x`` (or ``feature_columns[0]``) and the labels the array ``label_column``. With
+    ``require_label=False`` a missing label column is allowed (prediction inputs) and the labels are None.
+    """
+    p = Path(path)
+    suffix = _check_suffix("path", str(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if suffix == ".npz":
+        return _read_npz(p, label_column, feature_columns, require_label)
+    import pandas as pd
+
+    df = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
+    columns = [str(c) for c in df.columns]
+    df.columns = columns
+    has_label = label_column is not None and label_column in columns
+    if require_label and not has_label:
+        raise ValueError(f"label column {label_column!r} not found in {path}; available columns: {columns}")
+    if feature_columns is not None:
+        missing = [c for c in feature_columns if c not in columns]
+        if missing:
+            raise ValueError(f"feature column(s) {missing} not found in {path}; available columns: {columns}")
+        feats = list(feature_columns)
+    else:
+        feats = [c for c in columns if c != label_column]
+    if not feats:
+        raise ValueError(f"{path} has no feature columns besides {label_column!r}")
+    non_numeric = [c for c in feats if not pd.api.types.is_numeric_dtype(df[c])]
+    if non_numeric:
+        raise ValueError(
+            f"non-numeric feature column(s) in {path}: "
+            + ", ".join(f"{c!r} ({df[c].dtype})" for c in non_numeric)
+        )
+    x = df[feats].to_numpy(dtype=np.float64)
+    return x, (df[label_column].to_numpy() if has_label else None)
+
+
+def _read_npz(
+    p: Path, label_column: str | None, feature_columns: Sequence[str] | None, require_label: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    if feature_columns is not None and len(feature_columns) != 1:
+        raise ValueError(f"for .npz files feature_columns must name one array key, got {feature_columns}")
+    x_key = feature_columns[0] if feature_columns else "x"
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            keys = list(npz.files)
+            wanted = [("feature", x_key)] + ([("label", label_column)] if require_label else [])
+            for what, key in wanted:
+                if key not in keys:
+                    raise ValueError(f"{what} array {key!r} not found in {p}; available keys: {keys}")
+            x = npz[x_key]
+            raw = npz[label_column] if label_column in keys else None
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise ValueError(f"{p} holds object arrays; store numeric or string arrays") from err
+        raise
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"feature array {x_key!r} in {p} is not numeric (dtype {x.dtype})")
+    return x, raw
 
 
 def _check_suffix(name: str, path: str) -> str:
