@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -23,7 +24,8 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 METRICS_FILE = "metrics.json"
@@ -124,10 +126,28 @@ def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[
     main = hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(run)
 
     def entry() -> Any:
-        sys.argv = _argv_for_external_rank(sys.argv)
+        sys.argv = _argv_for_external_rank(_argv_for_resume(sys.argv))
         return main()
 
     return entry
+
+
+def _argv_for_resume(argv: list[str]) -> list[str]:
+    """``resume=<run dir>`` continues that run in its own directory with its own overrides.
+
+    The run's recorded overrides (``.hydra/overrides.yaml``) come first, so the config is the same; any
+    override given now (e.g. a larger ``trainer.max_epochs``) comes after them and wins.
+    """
+    given = [arg for arg in argv[1:] if arg.startswith("resume=")]
+    if not given:
+        return argv
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    if not recorded.is_file():
+        raise SystemExit(f"resume={run_dir}: not a run directory of xentlit (no {recorded})")
+    previous = [o for o in OmegaConf.load(recorded) if not str(o).startswith(("resume=", "hydra."))]
+    now = [arg for arg in argv[1:] if not arg.startswith("resume=")]
+    return [argv[0], *previous, *now, f"resume={run_dir.resolve()}", f"hydra.run.dir={run_dir.resolve()}"]
 
 
 def _argv_for_external_rank(argv: list[str]) -> list[str]:
@@ -214,7 +234,13 @@ def _train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg))
+        except SIGTERMException:
+            # Lightning stops cleanly (no half-written checkpoint) but exits with status 0: say what happened.
+            run_dir = Path(trainer.default_root_dir).resolve()
+            rank_zero_info(f"Stopped by SIGTERM. Continue with: python scripts/train.py resume={run_dir}")
+            raise SystemExit(128 + signal.SIGTERM) from None
     fit_metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
 
     test_metrics: dict[str, float] = {}
@@ -236,6 +262,18 @@ def _train(cfg: DictConfig) -> float | None:
     _write_summary(summary, Path(trainer.default_root_dir))
     value = metrics.get(cfg.optimized_metric)
     return None if value is None or math.isnan(value) else value
+
+
+def _resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint ``fit`` starts from: ``ckpt_path`` if given, else ``resume``'s last.ckpt, checked first."""
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume") and not ckpt_path:
+        ckpt_path = str(Path(cfg.resume) / "checkpoints" / "last.ckpt")
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"resume={cfg.resume}: no checkpoints/last.ckpt to resume from yet")
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+        load_checkpoint(ckpt_path)  # a clear error for a missing or damaged file, before Lightning's own
+    return ckpt_path
 
 
 def _best_epoch(trainer: pl.Trainer) -> int | None:

@@ -22,6 +22,7 @@ from lightning.pytorch import loggers as pl_loggers
 from omegaconf import MISSING, OmegaConf
 
 from xentlit import data, losses, module, nets
+from xentlit import loggers as xentlit_loggers
 
 
 def schema(
@@ -102,6 +103,7 @@ class TrainConfig:
     train: bool = True
     test: bool = True
     ckpt_path: str | None = None
+    resume: str | None = None
     optimized_metric: str = "val/acc_best"
 
 
@@ -155,7 +157,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "trainer": {"trainer": schema(pl.Trainer)},
     "logger": {
-        "csv": schema(pl_loggers.CSVLogger),
+        "csv": schema(xentlit_loggers.CSVLogger),
         "tensorboard": schema(_tensorboard),
     },
     "callbacks": {

@@ -393,6 +393,8 @@ class TensorDataModule(LightningDataModule):
                 f"{self._feature_mean.shape[0]}"
             )
         old_mean, old_std = self._feature_mean, self._feature_std
+        if torch.equal(mean, old_mean) and torch.equal(std, old_std):
+            return  # the usual resume: same data, same statistics; re-standardising would round differently
         self._feature_mean, self._feature_std = mean, std
         for ds in (self._train_dataset, self._val_dataset, self._test_dataset):
             assert ds is not None

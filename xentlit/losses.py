@@ -11,7 +11,14 @@ gradient, every option), and adds:
 * input validation with messages that say what was wrong and what was expected, at the cost of at
   most one host synchronisation per call (`validate=False` turns it off entirely);
 * float32 computation for bf16/fp16 logits;
+* an optional z-loss term (``z_loss``, PaLM) on every loss, normalised like the loss itself;
 * one extension point, `per_sample_loss`, for loss variants written as subclasses.
+
+The variants registered in `LOSSES` (one ``conf/loss/<name>.yaml`` each) are such subclasses:
+`FocalLoss`, `ConfidencePenaltyLoss`, `LogitAdjustedLoss`, `Poly1Loss`,
+`SymmetricCrossEntropyLoss` and `GeneralizedCrossEntropyLoss`; ``class_balanced`` is a preset of
+the base class (``class_weights="effective_number"``). Each keeps the base class's options and
+its exact (sum, denominator) split, so every one of them is exact under DDP and accumulation.
 
 Pure PyTorch: nothing here imports Lightning.
 """
@@ -21,16 +28,23 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "LOSSES",
     "REDUCTIONS",
     "WEIGHT_STRATEGIES",
+    "ConfidencePenaltyLoss",
     "CrossEntropyLoss",
+    "FocalLoss",
+    "GeneralizedCrossEntropyLoss",
+    "LogitAdjustedLoss",
+    "Poly1Loss",
+    "SymmetricCrossEntropyLoss",
     "class_weights",
     "cross_entropy",
 ]
@@ -152,6 +166,118 @@ def _weights_tensor(values: Sequence[float] | Tensor, check_values: bool = True)
     return vec.to(torch.float32)
 
 
+def _check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite float within [low, high] (``*_open``: excluded), else ValueError
+    naming the knob, the value and the allowed range."""
+    left = "-inf" if low is None else f"{low:g}"
+    right = "inf" if high is None else f"{high:g}"
+    interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}") from None
+    ok = math.isfinite(number)
+    if ok and low is not None:
+        ok = number > low if low_open else number >= low
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return number
+
+
+def _class_view(vec: Tensor, like: Tensor) -> Tensor:
+    """A (C,) vector viewed to broadcast along dim 1 of ``like`` (N, C[, d1, ...])."""
+    shape = [1] * like.dim()
+    shape[1] = -1
+    return vec.view(shape)
+
+
+def _row_weight(target: Tensor, weight: Tensor | None) -> Tensor | None:
+    """Each row's class weight: ``w[y]`` for class indices, ``sum_c w_c t_c`` for probabilities
+    (which is ``w[y]`` again for a one-hot row, and how torch weights label smoothing); None
+    without weights (every row weighs 1)."""
+    if weight is None:
+        return None
+    if target.is_floating_point():
+        return (target * _class_view(weight, target)).sum(dim=1)
+    return weight.take(target)
+
+
+def _p_one_plus_log_p(log_p: Tensor, p: Tensor) -> Tensor:
+    """``p (1 + log p)``, the derivative of ``p log p`` with respect to ``log p``."""
+    return torch.addcmul(p, p, log_p)
+
+
+def _one_minus_exp(log_p: Tensor) -> Tensor:
+    """``1 - exp(log_p)`` without cancellation (``-expm1``): exact for p near 1, 1 for p = 0."""
+    return -torch.expm1(log_p)
+
+
+def _log_partition(x: Tensor, log_probs: Tensor, k: Tensor) -> Tensor:
+    """``log Z = logsumexp(x, dim=1)`` from the already computed ``log_softmax(x)``: the
+    identity ``log Z = x_k - log p_k`` at one class ``k`` per row (N[, d1, ...]).
+
+    Two gathers instead of a second pass of exponentials over the logits; autograd gives the
+    exact gradient ``softmax(x)``. Rounding: ``eps * (|x_k| + |log p_k|)``, i.e. float precision
+    relative to the logits' range (k is the target, usually the top class, for class indices).
+    """
+    k = k.unsqueeze(1)
+    return (x.gather(1, k) - log_probs.gather(1, k)).squeeze(1)
+
+
+class _RowTerms(torch.autograd.Function):
+    """``rows = row_coef * sum_c value(log p, p)_c - scale * log p_y``, hand-differentiated.
+
+    For the losses that need the probabilities of every class (soft targets, the confidence
+    penalty): ``value`` and ``derivative`` are elementwise functions of ``log p`` and
+    ``p = softmax(log p)`` (the cheapest way to p on CPU; log p is already normalised), the
+    derivative being ``d value / d log p``. Fusing them saves autograd's intermediates, which
+    roughly halves the cost of these paths. The optional ``index``/``scale`` add the
+    class-index cross-entropy term ``-scale * log p_y`` to the same backward pass. No gradient
+    flows to the targets (or weights) captured by ``value``/``derivative``; differentiable
+    once (no double backward).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        log_probs: Tensor,
+        value: Any,
+        derivative: Any,
+        index: Tensor | None = None,
+        scale: Tensor | float = 1.0,
+        row_coef: Tensor | float = 1.0,
+    ) -> Tensor:
+        p = F.softmax(log_probs, dim=1)
+        ctx.save_for_backward(log_probs, p)
+        ctx.derivative, ctx.index, ctx.scale, ctx.row_coef = derivative, index, scale, row_coef
+        rows = value(log_probs, p).sum(dim=1)
+        if not isinstance(row_coef, float) or row_coef != 1.0:
+            rows = rows * row_coef
+        if index is not None:
+            rows = rows - scale * log_probs.gather(1, index.unsqueeze(1)).squeeze(1)
+        return rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        log_probs, p = ctx.saved_tensors
+        d = ctx.derivative(log_probs, p).mul_((grad * ctx.row_coef).unsqueeze(1))
+        if ctx.index is not None:
+            d.scatter_add_(1, ctx.index.unsqueeze(1), (-ctx.scale * grad).unsqueeze(1))
+        return d, None, None, None, None, None
+
+
 # --------------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------------
@@ -180,6 +306,13 @@ class CrossEntropyLoss(nn.Module):
         label_smoothing: in [0, 1) (as in torch).
         beta: the "effective_number" strategy's beta, in [0, 1).
         validate: check inputs on every call (one host sync); False skips all checks.
+        z_loss: coefficient of the z-loss (PaLM, Chowdhery et al. 2022), >= 0; 0 (default)
+            disables it. Each row adds ``z_loss * logsumexp(logits)**2`` times the row's class
+            weight (``w[y]`` for indices, ``sum_c w_c t_c`` for probabilities, 1 without
+            weights) and nothing for ignored rows, so under "mean" it is the same weighted
+            average as the cross-entropy term and shares its denominator: exact under DDP and
+            gradient accumulation. It penalises the drift of the softmax normaliser (the logits'
+            free shift), which keeps large-vocabulary / low-precision training stable.
 
     Validation raises ValueError for: non-float logits or fewer than 2 dims; a batch or shape
     mismatch; class indices outside [0, C) other than ignore_index; probability targets with
@@ -200,6 +333,12 @@ class CrossEntropyLoss(nn.Module):
     """
 
     weight: Tensor | None
+    # False for losses that are defined for class indices only: probability targets and label
+    # smoothing (which turns indices into probabilities) are then rejected with a ValueError.
+    supports_soft_targets: ClassVar[bool] = True
+    # Small per-class buffers that module dtype casts leave alone and that a checkpoint may
+    # resize (they are empty placeholders until set_class_counts); subclasses add theirs.
+    _class_buffers: ClassVar[tuple[str, ...]] = ("weight",)
 
     def __init__(
         self,
@@ -209,6 +348,7 @@ class CrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
         beta: float = 0.999,
         validate: bool = True,
+        z_loss: float = 0.0,
     ) -> None:
         super().__init__()
         if not isinstance(reduction, str) or reduction not in REDUCTIONS:
@@ -227,8 +367,14 @@ class CrossEntropyLoss(nn.Module):
             raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}") from None
         if isinstance(ignore_index, bool):
             raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+        if smoothing > 0.0 and not self.supports_soft_targets:
+            raise ValueError(
+                f"{type(self).__name__} is defined for class-index targets only, so it has no "
+                f"label smoothing; got label_smoothing={label_smoothing}"
+            )
 
         self.ignore_index: int = ignore
+        self.z_loss: float = _check_number("z_loss", z_loss, low=0.0)
         self.reduction: str = reduction
         self.label_smoothing: float = smoothing
         self.beta: float = _check_beta(beta)
@@ -292,14 +438,12 @@ class CrossEntropyLoss(nn.Module):
     ) -> None:
         # A checkpoint saved after set_class_counts holds a (C,) weight while a freshly built
         # loss with a pending strategy holds an empty placeholder: adopt the saved shape.
-        incoming = state_dict.get(prefix + "weight")
-        if (
-            isinstance(incoming, Tensor)
-            and self.weight is not None
-            and incoming.shape != self.weight.shape
-        ):
-            dtype = incoming.dtype if incoming.is_floating_point() else self.weight.dtype
-            self.weight = torch.empty(incoming.shape, dtype=dtype, device=self.weight.device)
+        for name in self._class_buffers:
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if isinstance(incoming, Tensor) and current is not None and incoming.shape != current.shape:
+                dtype = incoming.dtype if incoming.is_floating_point() else current.dtype
+                setattr(self, name, torch.empty(incoming.shape, dtype=dtype, device=current.device))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -308,11 +452,12 @@ class CrossEntropyLoss(nn.Module):
         # Module casts (.half(), .to(torch.bfloat16), Lightning's "bf16-true") move the weights
         # to the new device but keep their dtype: they are tiny, and rounding them to bf16 would
         # change the loss while the computation itself stays in float32.
-        old = self.weight
+        old = {name: getattr(self, name) for name in self._class_buffers}
         super()._apply(fn, recurse)
-        new = self.weight
-        if old is not None and new is not None and new.dtype != old.dtype:
-            self.weight = old.to(device=new.device)
+        for name, before in old.items():
+            after = getattr(self, name)
+            if before is not None and after is not None and after.dtype != before.dtype:
+                setattr(self, name, before.to(device=after.device))
         return self
 
     def _resolve_weight(self) -> Tensor | None:
@@ -377,6 +522,15 @@ class CrossEntropyLoss(nn.Module):
         can hit a device-side assert); on failure the computed loss is discarded.
         """
         weight = self._resolve_weight()
+        if (
+            not self.supports_soft_targets
+            and isinstance(target, Tensor)
+            and target.is_floating_point()
+        ):
+            raise ValueError(
+                f"{type(self).__name__} is defined for class-index targets only, got float "
+                f"(probability) targets of dtype {target.dtype}; pass integer class indices"
+            )
         if self.validate:
             self._check_shapes(logits, target, weight)
         ctype = _compute_dtype(logits.dtype)
@@ -412,35 +566,86 @@ class CrossEntropyLoss(nn.Module):
 
     def _loss(self, x: Tensor, t: Tensor, w: Tensor | None, reduction: str) -> Tensor:
         """Loss with reduction "sum" or "none" (the mean is built from sum and denominator)."""
-        if self._uses_fast_path():
-            return F.cross_entropy(
-                x,
+        offset = self.logit_offset(x)
+        adjusted = x if offset is None else x + _class_view(offset.to(x.dtype), x)
+        # The z-loss reuses the log-softmax of the generic path (its log Z costs two gathers
+        # instead of a logsumexp pass), so without a logit offset it takes the generic path.
+        if self._uses_fast_path() and not (self.z_loss > 0.0 and offset is None):
+            loss = F.cross_entropy(
+                adjusted,
                 t,
                 weight=w,
                 ignore_index=self.ignore_index,
                 reduction=reduction,
                 label_smoothing=self.label_smoothing,
             )
-        return self._generic_loss(x, t, w, reduction)
+            if self.z_loss > 0.0:
+                z = self._masked(self._z_rows(torch.logsumexp(x, dim=1), t, w), t)
+                loss = loss + (z.sum() if reduction == "sum" else z)
+            return loss
+        return self._generic_loss(x, adjusted, t, w, reduction)
 
-    def _generic_loss(self, x: Tensor, t: Tensor, w: Tensor | None, reduction: str) -> Tensor:
-        """log_softmax + `per_sample_loss`, with smoothing and ignore handled here."""
-        log_probs = F.log_softmax(x, dim=1)
+    def _generic_loss(
+        self, x: Tensor, adjusted: Tensor, t: Tensor, w: Tensor | None, reduction: str
+    ) -> Tensor:
+        """log_softmax + `per_sample_loss` (+ z-loss), with smoothing and ignore handled here.
+        ``adjusted`` is ``x`` plus the `logit_offset` (or ``x`` itself)."""
+        log_probs = F.log_softmax(adjusted, dim=1)
         num_classes = x.shape[1]
         eps = self.label_smoothing
         if t.is_floating_point():
             soft = t if eps == 0.0 else t * (1.0 - eps) + eps / num_classes
             per = self.per_sample_loss(log_probs, soft, w)
         else:
-            valid = t != self.ignore_index
-            safe = torch.where(valid, t, 0)
+            safe = torch.where(t != self.ignore_index, t, 0)
             if eps == 0.0:
                 per = self.per_sample_loss(log_probs, safe, w)
-            else:
-                one_hot = F.one_hot(safe, num_classes).movedim(-1, 1).to(log_probs.dtype)
-                per = self.per_sample_loss(log_probs, one_hot * (1.0 - eps) + eps / num_classes, w)
-            per = torch.where(valid, per, torch.zeros((), dtype=per.dtype, device=per.device))
+            else:  # (1 - eps) * one_hot + eps / C, without materialising the one-hot
+                smoothed = torch.full_like(log_probs, eps / num_classes)
+                smoothed.scatter_(1, safe.unsqueeze(1), 1.0 - eps + eps / num_classes)
+                per = self.per_sample_loss(log_probs, smoothed, w)
+        if self.z_loss > 0.0:
+            if adjusted is not x:  # log_probs are of the shifted logits: log Z from scratch
+                log_z = torch.logsumexp(x, dim=1)
+            else:  # (probability targets: column 0, for want of a target index)
+                k = safe if not t.is_floating_point() else torch.zeros_like(per, dtype=torch.long)
+                log_z = _log_partition(x, log_probs, k)
+            per = per + self._z_rows(log_z, t, w)
+        per = self._masked(per, t)
         return per.sum() if reduction == "sum" else per
+
+    def _masked(self, per: Tensor, t: Tensor) -> Tensor:
+        """Per-sample values with ignored rows set to 0 (probability targets: unchanged)."""
+        if t.is_floating_point():
+            return per
+        zero = torch.zeros((), dtype=per.dtype, device=per.device)
+        return torch.where(t != self.ignore_index, per, zero)
+
+    def _z_rows(self, log_z: Tensor, t: Tensor, w: Tensor | None) -> Tensor:
+        """Per-row ``z_loss * log_z**2 * row weight`` (ignored rows are masked by the caller).
+
+        The row weight is the class weight of the row's target, ``w[y]`` (with label smoothing
+        too, so that under "mean" the z term is the average weighted exactly like the mean's
+        denominator), or ``sum_c w_c t_c`` for probability targets; 1 without weights.
+        ``log_z`` is finite for finite logits (it is computed after subtracting the row
+        maximum): at logits of +-1e4, log Z ~ 1e4 and its square 1e8, far from overflow.
+        """
+        z = self.z_loss * log_z.square()
+        if w is None:
+            return z
+        if t.is_floating_point():
+            return z * _row_weight(t, w)
+        return z * w.take(torch.where(t != self.ignore_index, t, 0))
+
+    def logit_offset(self, logits: Tensor) -> Tensor | None:
+        """Extension point: a per-class offset (C,) added to the logits before the softmax of
+        the loss (not of the z-loss, which always sees the raw logits), or None for none.
+
+        The base class and most variants return None; `LogitAdjustedLoss` returns
+        ``tau * log(prior)``. With an offset the base formula keeps its fused
+        ``F.cross_entropy`` fast path (on the shifted logits).
+        """
+        return None
 
     def _denominator(self, x: Tensor, t: Tensor, w: Tensor | None, valid: Tensor | None) -> Tensor:
         """The mean's denominator, detached: weight sum / count of non-ignored targets
@@ -613,10 +818,16 @@ class CrossEntropyLoss(nn.Module):
             weights = f"class_weights={[round(v, 4) for v in self.weight.tolist()]}"
         else:
             weights = f"class_weights=<{self.weight.numel()} values>"
+        knobs = "".join(f"{name}={value!r}, " for name, value in self._knobs().items())
+        z = f", z_loss={self.z_loss}" if self.z_loss else ""
         return (
-            f"{weights}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, validate={self.validate}"
+            f"{knobs}{weights}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, validate={self.validate}{z}"
         )
+
+    def _knobs(self) -> dict[str, Any]:
+        """A variant's own options, shown first by ``repr``."""
+        return {}
 
 
 def _safe_mean(loss_sum: Tensor, denominator: Tensor) -> Tensor:
@@ -638,6 +849,7 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     validate: bool = True,
+    z_loss: float = 0.0,
 ) -> Tensor:
     """Functional `CrossEntropyLoss` (same checks and numbers), for plain PyTorch loops.
 
@@ -651,12 +863,461 @@ def cross_entropy(
             f"compute them with class_weights(counts, {class_weights!r}) or use "
             f"CrossEntropyLoss({class_weights!r}) and set_class_counts(counts)"
         )
-    loss = CrossEntropyLoss(None, ignore_index, reduction, label_smoothing, validate=validate)
+    loss = CrossEntropyLoss(
+        None, ignore_index, reduction, label_smoothing, validate=validate, z_loss=z_loss
+    )
     if class_weights is not None:
         loss.weight = _weights_tensor(class_weights, check_values=False)
     return loss(logits, target)
 
 
+# --------------------------------------------------------------------------------------------
+# Loss variants
+# --------------------------------------------------------------------------------------------
+#
+# Each variant overrides `per_sample_loss` only, so it inherits, unchanged: class weights (and
+# weight strategies), ignore_index, label smoothing (delivered as smoothed probabilities), the
+# reductions, the (sum, denominator) split with the base class's denominators, validation, the
+# float32 compute for low-precision logits, and the z-loss option. Everything is computed from
+# ``log_softmax`` (finite for finite logits): probabilities are ``exp(log p)``, ``1 - p`` is
+# ``-expm1(log p)``, and no formula takes the log of a probability. Class weights multiply each
+# row's whole loss by the row weight (``w[y]``; ``sum_c w_c t_c`` for probabilities, via the
+# elementwise form ``sum_c w_c t_c l_c`` where a method is a sum over classes).
+
+
+class FocalLoss(CrossEntropyLoss):
+    """Focal loss, multi-class softmax form (Lin et al. 2017, "Focal Loss for Dense Object
+    Detection"): ``FL = -alpha_y * (1 - p_y)**gamma * log p_y`` (times ``w[y]``).
+
+    Args:
+        gamma: focusing parameter, >= 0 (paper: 2). 0 gives cross-entropy.
+        alpha: None or per-class balancing factors (C non-negative finite numbers, not all 0).
+            Part of the per-sample formula, as in the paper: unlike ``class_weights`` it does not
+            enter the mean's denominator.
+        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
+            `CrossEntropyLoss`.
+
+    Probability targets (and label smoothing) use the elementwise form
+    ``-sum_c alpha_c t_c (1 - p_c)**gamma log p_c``, which is the paper's for one-hot ``t``.
+    Stable path: ``1 - p = -expm1(log p)`` (exact as p -> 1) clamped below at the smallest
+    normal number before the power, so ``(1 - p)**gamma`` with gamma < 1 has a finite gradient
+    when p_y rounds to 1; ``log p`` comes from log_softmax, finite when p_y underflows.
+    """
+
+    alpha: Tensor | None
+    _class_buffers = ("weight", "alpha")
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: None | Sequence[float] | Tensor = None,
+        class_weights: None | Sequence[float] | Tensor | str = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        beta: float = 0.999,
+        validate: bool = True,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
+        )
+        self.gamma: float = _check_number("gamma", gamma, low=0.0)
+        if alpha is not None:
+            if isinstance(alpha, (int, float)):
+                raise ValueError(
+                    f"alpha must be None or one balancing factor per class (a list of C numbers), "
+                    f"got the scalar {alpha!r}; in the multi-class form a scalar only rescales "
+                    "the loss"
+                )
+            alpha = _to_float64_vector(alpha, "alpha")
+            if not bool(alpha.sum() > 0):
+                raise ValueError(f"alpha must not be all zero, got {alpha.tolist()}")
+            alpha = alpha.to(torch.float32)
+        self.register_buffer("alpha", alpha, persistent=False)
+
+    def _knobs(self) -> dict[str, Any]:
+        alpha = None if self.alpha is None else [round(v, 4) for v in self.alpha.tolist()]
+        return {"gamma": self.gamma, "alpha": alpha}
+
+    def _powers(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``(u**(gamma - 1), u**gamma)`` for ``u = 1 - p``, clamped below at the smallest
+        normal number so that ``u**(gamma - 1)`` stays finite for gamma < 1 (it multiplies
+        ``log p = 0`` there); integer gammas avoid ``pow``."""
+        u = u.clamp_min(torch.finfo(u.dtype).tiny)
+        if self.gamma == 1.0:
+            return torch.ones_like(u), u
+        if self.gamma == 2.0:
+            return u, u * u
+        lower = u.pow(self.gamma - 1.0)
+        return lower, lower * u
+
+    def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        alpha = self.alpha
+        if alpha is not None:
+            if alpha.numel() != log_probs.shape[1]:
+                raise ValueError(
+                    f"alpha has {alpha.numel()} entries but logits have C={log_probs.shape[1]} "
+                    "classes"
+                )
+            alpha = alpha.to(device=log_probs.device, dtype=log_probs.dtype)
+        gamma = self.gamma
+        if target.is_floating_point():
+            factor = target
+            for vec in (weight, alpha):
+                if vec is not None:
+                    factor = factor * _class_view(vec, log_probs)
+            if gamma == 0.0:
+                return -(factor * log_probs).sum(dim=1)
+
+            # sum_c f_c u_c^g (-log p_c), u = 1 - p; d/d log p_c = f_c (g p_c log p_c u_c^(g-1)
+            # - u_c^g). (1 - p, not -expm1: only the absolute error matters in these products.)
+            def value(lp: Tensor, p: Tensor) -> Tensor:
+                return self._powers(1.0 - p)[1].mul_(lp).mul_(factor).neg_()
+
+            def derivative(lp: Tensor, p: Tensor) -> Tensor:
+                lower, power = self._powers(1.0 - p)
+                return lower.mul_(p).mul_(lp).mul_(gamma).sub_(power).mul_(factor)
+
+            return _RowTerms.apply(log_probs, value, derivative)
+        log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = -log_p
+        if gamma != 0.0:
+            loss = loss * self._powers(_one_minus_exp(log_p))[1]
+        for vec in (weight, alpha):
+            if vec is not None:
+                loss = loss * vec.take(target)
+        return loss
+
+
+class ConfidencePenaltyLoss(CrossEntropyLoss):
+    """Cross-entropy minus an entropy bonus (Pereyra et al. 2017, "Regularizing Neural Networks
+    by Penalizing Confident Output Distributions"): ``CE - penalty * H(p)`` with
+    ``H(p) = -sum_c p_c log p_c``.
+
+    Args:
+        penalty: the paper's beta, >= 0 (named ``penalty`` because ``beta`` is the
+            effective-number strategy's); 0 gives cross-entropy.
+        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
+            `CrossEntropyLoss`.
+
+    The entropy term of a row is multiplied by the row weight (``w[y]``, ``sum_c w_c t_c`` for
+    probabilities), so under "mean" both terms are averaged with the same weights. Defined for
+    probability targets (the CE part takes them; the entropy does not depend on the target).
+    Stable path: ``p log p`` is computed as ``exp(log p) * log p`` from log_softmax, which is 0,
+    not NaN, where p underflows. The loss can be negative (``H <= log C``).
+    """
+
+    def __init__(
+        self,
+        penalty: float = 0.1,
+        class_weights: None | Sequence[float] | Tensor | str = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        beta: float = 0.999,
+        validate: bool = True,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
+        )
+        self.penalty: float = _check_number("penalty", penalty, low=0.0)
+
+    def _knobs(self) -> dict[str, Any]:
+        return {"penalty": self.penalty}
+
+    def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        if self.penalty == 0.0:
+            return super().per_sample_loss(log_probs, target, weight)
+        # penalty * row weight * sum_c p_c log p_c (= -H); d/d log p_c = p_c (1 + log p_c)
+        row_w = _row_weight(target, weight)
+        if not target.is_floating_point():  # plus -w_y log p_y, in the same backward
+            scale: Tensor | float = 1.0 if row_w is None else row_w
+            return _RowTerms.apply(
+                log_probs, torch.mul, _p_one_plus_log_p, target, scale, scale * self.penalty
+            )
+        coef: Tensor | float = self.penalty
+        if row_w is not None:
+            coef = (row_w * self.penalty).unsqueeze(1)
+        factor = target if weight is None else target * _class_view(weight, log_probs)
+
+        def soft_value(lp: Tensor, p: Tensor) -> Tensor:  # -f log p + coef p log p
+            return (p * lp).mul_(coef).sub_(factor * lp)
+
+        def soft_derivative(lp: Tensor, p: Tensor) -> Tensor:
+            return torch.addcmul(p, p, lp).mul_(coef).sub_(factor)
+
+        return _RowTerms.apply(log_probs, soft_value, soft_derivative)
+
+
+class LogitAdjustedLoss(CrossEntropyLoss):
+    """Logit-adjusted softmax cross-entropy (Menon et al. 2021, "Long-Tail Learning via Logit
+    Adjustment"): ``-log softmax(f + tau * log pi)_y`` with class priors ``pi`` from the
+    training labels.
+
+    Args:
+        tau: adjustment strength, >= 0 (paper: 1); 0 gives cross-entropy (and needs no counts).
+        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
+            `CrossEntropyLoss`.
+
+    The priors are ``pi_c = n_c / sum(n)`` from `set_class_counts` (which the LightningModule
+    calls with the datamodule's train-split counts before training); counts are clamped to at
+    least 1 first, as for class weights, so an unseen class gets a finite prior. They live in
+    the persistent ``log_prior`` buffer (float32), so checkpoints keep them. The adjustment is a
+    training-time loss only: predictions are ``argmax f``, unadjusted, which is what makes them
+    balanced. Probability targets use ``-sum_c t_c log softmax(f + tau log pi)_c``.
+
+    Implementation: the one variant that does not override `per_sample_loss`. It supplies the
+    offset ``tau * log pi`` through the `logit_offset` hook, so it is exactly the base
+    cross-entropy (fused fast path included) on the shifted logits, with the base class's
+    denominators, weights, ignore_index, smoothing and soft targets. (Shifting log p inside
+    `per_sample_loss` would need a second log_softmax, twice the cost.) The z-loss, if enabled,
+    sees the raw logits. Stable path: log_softmax of the shifted logits; ``log pi`` is finite
+    (counts clamped to >= 1), so finite logits give a finite loss.
+    """
+
+    log_prior: Tensor
+    _class_buffers = ("weight", "log_prior")
+
+    def __init__(
+        self,
+        tau: float = 1.0,
+        class_weights: None | Sequence[float] | Tensor | str = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        beta: float = 0.999,
+        validate: bool = True,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
+        )
+        self.tau: float = _check_number("tau", tau, low=0.0)
+        self.register_buffer("log_prior", torch.empty(0), persistent=True)
+
+    def _knobs(self) -> dict[str, Any]:
+        return {"tau": self.tau}
+
+    @property
+    def needs_class_counts(self) -> bool:
+        """True while the priors (tau > 0) or a weight strategy's weights are not computed yet."""
+        return (self.tau > 0.0 and self.log_prior.numel() == 0) or super().needs_class_counts
+
+    def set_class_counts(self, counts: Tensor | Sequence[float]) -> None:
+        """Set the class priors (and a weight strategy's weights) from per-class train counts."""
+        n = _to_float64_vector(counts, "class counts").clamp_min(1.0)
+        self.log_prior = (n / n.sum()).log().to(dtype=torch.float32, device=self.log_prior.device)
+        if self.weight_strategy is not None:
+            super().set_class_counts(counts)
+
+    def _resolve_weight(self) -> Tensor | None:
+        if self.tau > 0.0 and self.log_prior.numel() == 0:
+            raise RuntimeError(
+                f"LogitAdjustedLoss(tau={self.tau}) needs the class priors before the first "
+                "forward: call set_class_counts(counts) with the per-class number of labelled "
+                "training rows (or use a datamodule that exposes class counts)"
+            )
+        return super()._resolve_weight()
+
+    def logit_offset(self, logits: Tensor) -> Tensor | None:
+        """``tau * log(prior)``, added to the logits before the softmax (None when tau = 0)."""
+        if self.tau == 0.0:
+            return None
+        if self.log_prior.numel() != logits.shape[1]:
+            raise ValueError(
+                f"the class priors have {self.log_prior.numel()} entries (from set_class_counts) "
+                f"but logits have C={logits.shape[1]} classes"
+            )
+        return self.log_prior.to(device=logits.device, dtype=logits.dtype) * self.tau
+
+
+class Poly1Loss(CrossEntropyLoss):
+    """Poly-1 loss (Leng et al. 2022, "PolyLoss: A Polynomial Expansion Perspective of
+    Classification Loss Functions"): ``CE + epsilon * (1 - p_y)``.
+
+    Args:
+        epsilon: coefficient of the first polynomial term, >= -1 (paper: 1 for classification;
+            below -1 the loss would reward confidence in the wrong class). 0 gives cross-entropy.
+        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
+            `CrossEntropyLoss`.
+
+    Probability targets (and label smoothing) use the paper's ``p_t = sum_c t_c p_c``, written
+    elementwise so that class weights apply like torch's: ``sum_c w_c t_c (-log p_c +
+    epsilon (1 - p_c))`` (equal to ``CE + epsilon (1 - p_t)`` without weights). Stable path:
+    ``1 - p = -expm1(log p)`` from log_softmax.
+    """
+
+    def __init__(
+        self,
+        epsilon: float = 1.0,
+        class_weights: None | Sequence[float] | Tensor | str = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        beta: float = 0.999,
+        validate: bool = True,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
+        )
+        self.epsilon: float = _check_number("epsilon", epsilon, low=-1.0)
+
+    def _knobs(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon}
+
+    def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        eps = self.epsilon
+        if target.is_floating_point():
+            factor = target if weight is None else target * _class_view(weight, log_probs)
+            if eps == 0.0:
+                return -(factor * log_probs).sum(dim=1)
+
+            # sum_c f_c (eps (1 - p_c) - log p_c); d/d log p_c = -f_c (1 + eps p_c)
+            def value(lp: Tensor, p: Tensor) -> Tensor:
+                return torch.add(lp, p, alpha=eps).sub_(eps).mul_(factor).neg_()
+
+            def derivative(lp: Tensor, p: Tensor) -> Tensor:
+                return torch.addcmul(factor, factor, p, value=eps).neg_()
+
+            return _RowTerms.apply(log_probs, value, derivative)
+        log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = -log_p if eps == 0.0 else eps * _one_minus_exp(log_p) - log_p
+        return loss if weight is None else loss * weight.take(target)
+
+
+class SymmetricCrossEntropyLoss(CrossEntropyLoss):
+    """Symmetric cross-entropy (Wang et al. 2019, "Symmetric Cross Entropy for Robust Learning
+    with Noisy Labels"): ``sce_alpha * CE + sce_beta * RCE`` with the reverse cross-entropy
+    ``RCE = -sum_c p_c log q_c`` of the prediction p against the label distribution q, where
+    ``log 0`` is replaced by ``log_zero`` (the paper's A). For a one-hot label
+    ``RCE = -log_zero * (1 - p_y)``.
+
+    Args:
+        sce_alpha: weight of the CE term, >= 0 (paper, CIFAR-10: 0.1).
+        sce_beta: weight of the RCE term, >= 0 (paper, CIFAR-10: 1.0). Not both 0.
+            (``sce_`` prefixes: ``beta`` is the effective-number strategy's.)
+        log_zero: the paper's A, the value of ``log 0``, < 0 (paper: -4; the authors' code
+            clamps q at 1e-4, i.e. A = log 1e-4 ~ -9.21).
+        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
+            `CrossEntropyLoss`.
+
+    sce_alpha=1, sce_beta=0 gives cross-entropy. Probability targets use
+    ``log q_c = max(log t_c, log_zero)``. The RCE term of a row is multiplied by the row weight
+    (``w[y]``; ``sum_c w_c t_c`` for probabilities). Stable path: ``1 - p_y = -expm1(log p_y)``
+    and p from log_softmax; the only log is of the (constant) target, clamped at
+    ``exp(log_zero)``.
+    """
+
+    def __init__(
+        self,
+        sce_alpha: float = 0.1,
+        sce_beta: float = 1.0,
+        log_zero: float = -4.0,
+        class_weights: None | Sequence[float] | Tensor | str = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        beta: float = 0.999,
+        validate: bool = True,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
+        )
+        self.sce_alpha: float = _check_number("sce_alpha", sce_alpha, low=0.0)
+        self.sce_beta: float = _check_number("sce_beta", sce_beta, low=0.0)
+        if self.sce_alpha == 0.0 and self.sce_beta == 0.0:
+            raise ValueError("sce_alpha and sce_beta must not both be 0 (the loss would be 0)")
+        self.log_zero: float = _check_number("log_zero", log_zero, high=0.0, high_open=True)
+
+    def _knobs(self) -> dict[str, Any]:
+        return {"sce_alpha": self.sce_alpha, "sce_beta": self.sce_beta, "log_zero": self.log_zero}
+
+    def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        alpha, beta = self.sce_alpha, self.sce_beta
+        row_w = _row_weight(target, weight)
+        if beta == 0.0:
+            return alpha * super().per_sample_loss(log_probs, target, weight)
+        if not target.is_floating_point():
+            log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+            ce = -log_p if weight is None else -log_p * row_w
+            rce = (-self.log_zero * beta) * _one_minus_exp(log_p)
+            return alpha * ce + (rce if row_w is None else rce * row_w)
+        # -alpha sum_c f_c log p_c - beta rw sum_c p_c log q_c; d/d log p_c = -alpha f_c
+        # - beta rw p_c log q_c (f = t * w, rw = row weight, log q = log max(t, e^log_zero))
+        factor = target if weight is None else target * _class_view(weight, log_probs)
+        log_q = target.clamp_min(math.exp(self.log_zero)).log_()
+        coef: Tensor | float = beta
+        if row_w is not None:
+            coef = (row_w * beta).unsqueeze(1)
+        log_q = log_q.mul_(coef)
+
+        def value(lp: Tensor, p: Tensor) -> Tensor:
+            return torch.addcmul(p * log_q, factor, lp, value=alpha).neg_()
+
+        def derivative(lp: Tensor, p: Tensor) -> Tensor:
+            return (p * log_q).add_(factor, alpha=alpha).neg_()
+
+        return _RowTerms.apply(log_probs, value, derivative)
+
+
+class GeneralizedCrossEntropyLoss(CrossEntropyLoss):
+    """Generalised cross-entropy, the L_q loss (Zhang & Sabuncu 2018, "Generalized Cross Entropy
+    Loss for Training Deep Neural Networks with Noisy Labels"): ``(1 - p_y**q) / q``.
+
+    Args:
+        q: in (0, 1] (paper: 0.7). q -> 0 approaches cross-entropy, q = 1 is the MAE
+            ``1 - p_y``.
+        class_weights, ignore_index, reduction, beta, validate, z_loss: as in
+            `CrossEntropyLoss`.
+        label_smoothing: must be 0: the paper defines L_q for class indices only, so
+            probability targets and label smoothing raise a ValueError.
+
+    Stable path: ``(1 - p_y**q) / q = -expm1(q * log p_y) / q`` from log_softmax, exact as q -> 0
+    or p_y -> 1, and 1/q (not NaN) where p_y underflows. (The paper's truncated variant is not
+    implemented.)
+    """
+
+    supports_soft_targets = False
+
+    def __init__(
+        self,
+        q: float = 0.7,
+        class_weights: None | Sequence[float] | Tensor | str = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        beta: float = 0.999,
+        validate: bool = True,
+        z_loss: float = 0.0,
+    ) -> None:
+        super().__init__(
+            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
+        )
+        self.q: float = _check_number("q", q, low=0.0, high=1.0, low_open=True)
+
+    def _knobs(self) -> dict[str, Any]:
+        return {"q": self.q}
+
+    def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = -torch.expm1(self.q * log_p) / self.q
+        return loss if weight is None else loss * weight.take(target)
+
+
 # Config name -> loss class: every entry gets a structured-config schema (xentlit/config.py) and a
-# `conf/loss/<name>.yaml`; loss variants register themselves here.
-LOSSES: dict[str, type[CrossEntropyLoss]] = {"cross_entropy": CrossEntropyLoss}
+# `conf/loss/<name>.yaml`; loss variants register themselves here. "class_balanced" is the base
+# class preset with class_weights="effective_number" (Cui et al. 2019).
+LOSSES: dict[str, type[CrossEntropyLoss]] = {
+    "cross_entropy": CrossEntropyLoss,
+    "class_balanced": CrossEntropyLoss,
+    "focal": FocalLoss,
+    "confidence_penalty": ConfidencePenaltyLoss,
+    "logit_adjusted": LogitAdjustedLoss,
+    "poly1": Poly1Loss,
+    "symmetric_ce": SymmetricCrossEntropyLoss,
+    "generalized_ce": GeneralizedCrossEntropyLoss,
+}

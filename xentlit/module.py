@@ -107,6 +107,7 @@ class XentModule(LightningModule):
             setattr(self, f"{stage}_metrics", self.configure_metrics(stage))
             setattr(self, f"{stage}_loss", WeightedMean())
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best so far
         # Not a buffer: DDP would broadcast rank 0's value over every rank's own running sum.
         self._denominator: Tensor | None = None
         if compile:
@@ -203,10 +204,6 @@ class XentModule(LightningModule):
         probs = self(x).float().softmax(dim=1)
         return {"probs": probs, "preds": probs.argmax(dim=1)}
 
-    def on_train_start(self) -> None:
-        # The sanity check ran validation before training: it must not count as the best epoch.
-        self.val_acc_best.reset()
-
     def log_epoch_metrics(self, stage: str) -> dict[str, Tensor]:
         """Compute (synced across DDP ranks by torchmetrics), log and reset the stage's epoch metrics."""
         loss_metric, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
@@ -231,6 +228,21 @@ class XentModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_epoch_metrics("test")
 
+    # ------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The global RNG drives shuffling and dropout: restoring it makes a resumed run bitwise identical.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _check_compatible(self.state_dict(), checkpoint.get("state_dict", {}))
+        rng = checkpoint.get("rng_state")
+        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
     # ----------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
@@ -246,6 +258,21 @@ class XentModule(LightningModule):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         config["scheduler"] = make(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _check_compatible(own: Mapping[str, Tensor], saved: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the mismatched tensors when a checkpoint belongs to another data shape."""
+    mismatched = [
+        f"{key}: checkpoint {tuple(saved[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in own.items()
+        if key in saved and isinstance(saved[key], Tensor) and saved[key].shape != value.shape
+        and not key.endswith("loss.weight")  # a pending class-weight strategy is filled from the checkpoint
+    ]
+    if mismatched:
+        raise ValueError(
+            "the checkpoint does not fit this model: it was trained with a different number of input features "
+            "or classes (or another network). Mismatched tensors: " + "; ".join(mismatched[:4])
+        )
 
 
 def _parameters(func: Any) -> set[str]:

@@ -1,0 +1,100 @@
+"""Interrupted runs resume exactly; same seed, same numbers; checkpoints from another data shape fail clearly."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SCRIPTS, read_metrics, run_dirs, run_script
+
+pytestmark = pytest.mark.slow
+# Small batches make epochs long enough to be interrupted in the middle; deterministic kernels on CPU.
+RUN = ["trainer.max_epochs=5", "trainer.deterministic=true", "data.batch_size=16", "model.dropout=0.1",
+       "scheduler=cosine", "callbacks=[model_checkpoint,early_stopping]"]
+
+
+def _final_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def _interrupt(cwd: Path, sig: signal.Signals, after_epoch: int) -> Path:
+    """Start a run, wait until epoch `after_epoch` is checkpointed, then send `sig` in the next epoch."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train.py"), *RUN], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list(cwd.rglob(f"epoch_{after_epoch:03d}.ckpt"))
+        if ckpts:
+            time.sleep(0.2)  # into the next epoch
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    [run] = run_dirs(cwd / "outputs")
+    assert not (run / "metrics.json").exists()
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("whole")
+    run_script("train.py", *RUN, cwd=cwd)
+    [run] = run_dirs(cwd / "outputs")
+    return run
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_same_parameters_and_metrics(uninterrupted, tmp_path, sig):
+    run = _interrupt(tmp_path, sig, after_epoch=1)
+    logged_before = (run / "csv" / "metrics.csv").read_text()
+    run_script("train.py", f"resume={run}", cwd=tmp_path)
+    assert run_dirs(tmp_path / "outputs") == [run], "resuming must continue in the same run directory"
+
+    expected, resumed = _final_state(uninterrupted), _final_state(run)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    a, b = read_metrics(uninterrupted)["metrics"], read_metrics(run)["metrics"]
+    for name in ("test/acc", "test/loss", "val/acc_best", "val/loss"):
+        assert a[name] == b[name], name
+    # nothing logged before the interruption is lost; every epoch is logged
+    import pandas as pd
+
+    before, after = pd.read_csv(io.StringIO(logged_before)), pd.read_csv(run / "csv" / "metrics.csv")
+    assert len(after) > len(before) and set(before["epoch"]) < set(after["epoch"])
+    assert sorted(after.dropna(subset=["val/loss"])["epoch"].unique()) == [0, 1, 2, 3, 4]
+
+
+def test_same_seed_gives_identical_metrics_and_seed_zero_is_valid(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run_script("train.py", "seed=0", "trainer.max_epochs=2", "trainer.deterministic=true", cwd=tmp_path / name)
+    [a], [b] = run_dirs(tmp_path / "a" / "outputs"), run_dirs(tmp_path / "b" / "outputs")
+    assert read_metrics(a)["metrics"] == read_metrics(b)["metrics"]
+    state_a, state_b = _final_state(a), _final_state(b)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_resume_of_a_directory_that_is_not_a_run_fails_clearly(tmp_path):
+    result = run_script("train.py", f"resume={tmp_path}", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert f"resume={tmp_path}: not a run directory" in result.stderr
+
+
+def test_checkpoint_of_another_number_of_classes_fails_clearly(uninterrupted, tmp_path):
+    ckpt = uninterrupted / "checkpoints" / "last.ckpt"
+    result = run_script("train.py", "data=synthetic", "data.num_classes=3", "data.num_features=64",
+                        f"ckpt_path={ckpt}", "trainer.max_epochs=1", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "the checkpoint does not fit this model" in result.stderr
+    assert "net.head.weight: checkpoint (10, 256) vs model (3, 256)" in result.stderr

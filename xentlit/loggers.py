@@ -1,0 +1,31 @@
+"""Loggers. Lightning's CSV logger, made to keep what a resumed run logged before."""
+
+from __future__ import annotations
+
+import csv
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch import loggers
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class _AppendingWriter(ExperimentWriter):
+    """An experiment writer that appends to an existing ``metrics.csv`` instead of deleting it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+
+class CSVLogger(loggers.CSVLogger):
+    """``lightning.pytorch.loggers.CSVLogger`` that appends: a run resumed in its own directory keeps the
+    rows it logged before the interruption (Lightning's own logger deletes them)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
