@@ -94,7 +94,7 @@ def test_gradient_accumulation_equals_one_big_batch_exactly():
 
 def test_hyperparameters_hold_no_modules_and_checkpoints_load_weights_only(tmp_path):
     module = XentModule(MLP(6, 3), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
-    assert set(module.hparams) == {"num_classes", "loss_normalization", "ece_bins", "compile"}
+    assert set(module.hparams) == {"num_classes", "loss_normalization", "ece_bins", "compile", "steps_per_execution"}
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     trainer = _trainer(max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=_loader(x, y), val_dataloaders=_loader(x, y))
@@ -177,3 +177,30 @@ def test_bf16_mixed_precision_computes_the_loss_in_float32():
     trainer.fit(module, train_dataloaders=_loader(x, y, batch_size=16))
     assert module.seen == (torch.bfloat16, torch.float32)
     assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+@pytest.mark.parametrize("normalization", ["local", "global"])
+def test_steps_per_execution_equals_one_optimiser_step_per_lightning_step(normalization):
+    """4 optimiser steps per Lightning step on batches of 32 == 1 per step on batches of 8 (same order)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 5), torch.randint(0, 4, (96,))
+    y[::5] = IGNORE
+
+    def fit(steps: int, batch_size: int) -> tuple[XentModule, pl.Trainer]:
+        torch.manual_seed(1)
+        scheduler = {"scheduler": functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5, gamma=0.5),
+                     "interval": "step"}
+        module = XentModule(MLP(5, 4, hidden_sizes=[7]), loss=CrossEntropyLoss(class_weights=[1.0, 2.0, 1.0, 0.5]),
+                            optimizer=functools.partial(torch.optim.SGD, lr=0.3, momentum=0.9), scheduler=scheduler,
+                            loss_normalization=normalization, steps_per_execution=steps)
+        trainer = _trainer(max_epochs=2, limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=_loader(x, y, batch_size=batch_size))
+        return module, trainer
+
+    one, t1 = fit(1, 8)
+    four, t4 = fit(4, 32)
+    assert t1.global_step == t4.global_step == 24
+    assert t4.lr_scheduler_configs[0].scheduler.get_last_lr() == t1.lr_scheduler_configs[0].scheduler.get_last_lr()
+    for a, b in zip(one.net.parameters(), four.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert t1.callback_metrics["train/loss"].item() == pytest.approx(t4.callback_metrics["train/loss"].item(), rel=1e-6)

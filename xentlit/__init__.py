@@ -4,9 +4,11 @@ from xentlit.data import DigitsDataModule, FileDataModule, SyntheticDataModule, 
 from xentlit.losses import CrossEntropyLoss, class_weights, cross_entropy
 from xentlit.module import XentModule
 from xentlit.nets import MLP
+from xentlit.plots import PlotCallback
 
 __all__ = [
     "MLP",
+    "PlotCallback",
     "CrossEntropyLoss",
     "DigitsDataModule",
     "FileDataModule",

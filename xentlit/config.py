@@ -21,7 +21,7 @@ from lightning.pytorch import callbacks as pl_callbacks
 from lightning.pytorch import loggers as pl_loggers
 from omegaconf import MISSING, OmegaConf
 
-from xentlit import data, losses, module, nets
+from xentlit import data, losses, module, nets, plots
 from xentlit import loggers as xentlit_loggers
 
 
@@ -166,6 +166,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "rich_progress_bar": schema(pl_callbacks.RichProgressBar),
         "tqdm_progress_bar": schema(pl_callbacks.TQDMProgressBar),
         "lr_monitor": schema(pl_callbacks.LearningRateMonitor),
+        "plots": schema(plots.PlotCallback),
     },
 }
 

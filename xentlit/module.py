@@ -66,6 +66,12 @@ class XentModule(LightningModule):
             batch; ``"auto"`` picks global whenever world size > 1 or accumulation > 1.
         ece_bins: number of bins of the expected calibration error.
         compile: compile the network with ``torch.compile`` (in place: checkpoints keep plain keys).
+        steps_per_execution: optimiser steps per Lightning step, as Keras' ``steps_per_execution``: each batch
+            from the dataloader is split into this many consecutive slices, each one optimiser step (so the
+            optimiser batch is the dataloader's batch size divided by this). For small networks Lightning's
+            per-step overhead is comparable to the step itself; this amortises it. Uses manual optimisation:
+            schedulers, global loss normalisation, metrics and checkpoints behave as with 1, but
+            ``accumulate_grad_batches`` and the Trainer's ``gradient_clip_val`` are not available.
     """
 
     def __init__(
@@ -78,8 +84,14 @@ class XentModule(LightningModule):
         loss_normalization: str = "auto",
         ece_bins: int = 15,
         compile: bool = False,
+        steps_per_execution: int = 1,
     ) -> None:
         super().__init__()
+        if not isinstance(steps_per_execution, int) or steps_per_execution < 1:
+            raise ValueError(f"steps_per_execution must be an int >= 1, got {steps_per_execution!r}")
+        if steps_per_execution > 1 and scheduler and scheduler.get("frequency", 1) != 1:
+            raise ValueError("steps_per_execution > 1 steps the scheduler itself and needs scheduler frequency 1")
+        self.automatic_optimization = steps_per_execution == 1
         if loss_normalization not in NORMALIZATIONS:
             raise ValueError(f"loss_normalization must be one of {NORMALIZATIONS}, got {loss_normalization!r}")
         num_classes = num_classes if num_classes is not None else getattr(net, "num_classes", None)
@@ -157,8 +169,7 @@ class XentModule(LightningModule):
         return trainer is not None and (trainer.world_size > 1 or trainer.accumulate_grad_batches > 1)
 
     # ----------------------------------------------------------------------------------------- steps
-    def _shared_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
-        x, y = self.unpack_batch(batch)
+    def _shared_step(self, x: Tensor, y: Tensor, stage: str) -> dict[str, Tensor]:
         logits = self(x)
         loss_sum, denominator = self.compute_loss(logits, y)
         mean = loss_sum / denominator.clamp_min(torch.finfo(loss_sum.dtype).tiny)
@@ -169,7 +180,9 @@ class XentModule(LightningModule):
         return {"loss_sum": loss_sum, "denominator": denominator, "mean": mean, "logits": logits.detach(), "target": y}
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        out = self._shared_step(batch, "train")
+        if not self.automatic_optimization:
+            return self._several_steps(*self.unpack_batch(batch))
+        out = self._shared_step(*self.unpack_batch(batch), "train")
         if self.uses_global_normalization:
             # Backward the plain sum; on_before_optimizer_step divides by the global denominator.
             denominator = out["denominator"].detach().to(torch.float64)
@@ -193,11 +206,52 @@ class XentModule(LightningModule):
                     p.grad.mul_(scale.to(p.grad.dtype))
         self._denominator = None
 
+    def _several_steps(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``steps_per_execution`` optimiser steps on consecutive slices of one batch (manual optimisation)."""
+        optimizer = self.optimizers()
+        outputs = []
+        for xs, ys in zip(x.tensor_split(self.hparams.steps_per_execution), y.tensor_split(self.hparams.steps_per_execution)):
+            if len(xs) == 0:
+                continue
+            out = self._shared_step(xs, ys, "train")
+            if self.uses_global_normalization:  # one scalar all-reduce per optimiser step; DDP averages over ranks
+                total = self.trainer.strategy.reduce(out["denominator"].detach().to(torch.float64), reduce_op="sum")
+                scale = self.trainer.world_size / total.clamp_min(torch.finfo(total.dtype).tiny)
+                out["loss"] = out["loss_sum"] * scale.to(out["loss_sum"].dtype)
+            else:
+                out["loss"] = out["mean"]
+            optimizer.zero_grad()
+            self.manual_backward(out["loss"])
+            optimizer.step()
+            self._step_schedulers("step")
+            outputs.append(out)
+        return {
+            "loss": outputs[-1]["loss"].detach(),
+            "logits": torch.cat([o["logits"] for o in outputs]),
+            "target": torch.cat([o["target"] for o in outputs]),
+        }
+
+    def _step_schedulers(self, interval: str) -> None:
+        """Under manual optimisation Lightning leaves the schedulers to the module."""
+        if self.automatic_optimization or not self.scheduler_config:
+            return
+        if self.scheduler_config.get("interval", "epoch") != interval:
+            return
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            monitor = self.scheduler_config.get("monitor", "val/loss")
+            value = self.trainer.callback_metrics.get(monitor)
+            if value is None:
+                raise RuntimeError(f"ReduceLROnPlateau monitors {monitor!r}, which was not logged this epoch")
+            scheduler.step(value)
+        else:
+            scheduler.step()
+
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._shared_step(batch, "val")
+        return self._shared_step(*self.unpack_batch(batch), "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._shared_step(batch, "test")
+        return self._shared_step(*self.unpack_batch(batch), "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -217,6 +271,7 @@ class XentModule(LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.log_epoch_metrics("train")
+        self._step_schedulers("epoch")
 
     def on_validation_epoch_end(self) -> None:
         values = self.log_epoch_metrics("val")

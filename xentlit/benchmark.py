@@ -1,0 +1,228 @@
+"""Training-speed benchmark behind ``scripts/bench.py``: xentlit against hand-written PyTorch and plain Lightning.
+
+All variants train the same MLP (64-256-256-10) with Adam on the digits repeated to about 36k rows, one epoch
+per measurement, in one process, interleaved, several repetitions; the report gives medians and ratios (the
+machine is shared and noisy: absolute times alone mean nothing). Validation is off in every variant, so the
+epoch is the same work everywhere.
+
+- A: a hand-written loop over ``DataLoader(TensorDataset)`` with per-sample collate (the usual tutorial loop)
+- B: a hand-written loop indexing the tensors with a shuffled permutation (the floor)
+- C: plain Lightning with a ``DataLoader(TensorDataset)`` (a minimal module logging its loss every step)
+- D: xentlit's default training (metrics, CSV logging, checkpointing, progress bar, the doctor callback)
+- E: xentlit with its fastest settings (no progress bar, logger, doctor or input validation)
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from xentlit.data import TensorBatchDataset, collate_batch
+from xentlit.losses import CrossEntropyLoss
+from xentlit.module import XentModule
+from xentlit.nets import MLP
+
+ROOT = Path(__file__).resolve().parents[1]
+REPEAT = 20  # 1797 digits x 20 = 35,940 rows
+
+
+def digits_tensors(repeat: int = REPEAT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standardised digits, repeated ``repeat`` times."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    return x.repeat(repeat, 1), torch.tensor(digits.target).repeat(repeat)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP(64, 10, hidden_sizes=(256, 256))
+
+
+def _trainer(**kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        max_epochs=1, accelerator="cpu", devices=1, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_model_summary=False, logger=False, enable_checkpointing=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def loop_tutorial(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """A: per-sample ``__getitem__`` + default collate."""
+    net = _net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    start = time.perf_counter()
+    for xb, yb in loader:
+        loss = F.cross_entropy(net(xb), yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def loop_floor(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """B: index the tensors with slices of a shuffled permutation."""
+    net = _net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    perm = torch.randperm(len(x))
+    for i in range(0, len(x), batch_size):
+        idx = perm[i : i + batch_size]
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+class _PlainModule(pl.LightningModule):
+    """The plain Lightning module of the tutorials."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def plain_lightning(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """C: plain Lightning, ``DataLoader(TensorDataset)``, the default progress bar."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+    trainer = _trainer()
+    start = time.perf_counter()
+    trainer.fit(_PlainModule(), train_dataloaders=loader)
+    return time.perf_counter() - start
+
+
+def xentlit_default(x: torch.Tensor, y: torch.Tensor, batch_size: int, out_dir: Path, doctor: bool = True) -> float:
+    """D: the callbacks and logger of ``conf/train.yaml`` (composed from the shipped config)."""
+    from hydra import compose, initialize_config_dir
+
+    from xentlit.cli import _instantiate_group
+    from xentlit.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={out_dir}"])
+    # Validation is off, so the callbacks that monitor a validation metric are replaced by an
+    # unconditional end-of-epoch checkpoint (the same disk work).
+    skip = {"EarlyStopping", "ModelCheckpoint"} | (set() if doctor else {"ConvergenceDoctor"})
+    callbacks = [c for c in _instantiate_group(cfg.callbacks) if type(c).__name__ not in skip]
+    callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True))
+    loader = DataLoader(TensorBatchDataset(x, y), batch_size=batch_size, shuffle=True, collate_fn=collate_batch)
+    trainer = _trainer(callbacks=callbacks, logger=_instantiate_group(cfg.logger), enable_checkpointing=True,
+                       default_root_dir=str(out_dir))
+    module = XentModule(_net())
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return time.perf_counter() - start
+
+
+def xentlit_fastest(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """E: xentlit with everything optional off."""
+    loader = DataLoader(TensorBatchDataset(x, y), batch_size=batch_size, shuffle=True, collate_fn=collate_batch)
+    module = XentModule(_net(), loss=CrossEntropyLoss(validate=False))
+    trainer = _trainer(enable_progress_bar=False)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    return time.perf_counter() - start
+
+
+def launch_to_first_step(overrides: list[str]) -> float:
+    """Seconds from starting ``scripts/train.py`` to its first training step (a fresh process)."""
+    marker = ROOT / "outputs" / "bench" / f"first_step_{os.getpid()}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "trainer.max_epochs=1", "test=false",
+               "paths.log_dir=outputs/bench", "+callbacks.first_step._target_=xentlit.benchmark.FirstStepMarker",
+               f"+callbacks.first_step.path={marker}", *overrides]
+    start = time.time()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    return float(marker.read_text()) - start
+
+
+class FirstStepMarker(pl.Callback):
+    """Writes the wall-clock time of the first training batch to ``path`` (for the launch measurement)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.done = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self.done:
+            Path(self.path).write_text(repr(time.time()))
+            self.done = True
+
+
+def peak_memory_mb(variant: str, batch_size: int) -> float:
+    """Peak resident memory (MiB) of a fresh process running one epoch of ``variant``."""
+    code = (
+        "import resource, sys, pathlib, tempfile; from xentlit import benchmark as b; x, y = b.digits_tensors();"
+        f"fn = b.VARIANTS[{variant!r}]; kw = {{'out_dir': pathlib.Path(tempfile.mkdtemp())}} if {variant!r} == 'D' else {{}};"
+        f"fn(x, y, {batch_size}, **kw); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+VARIANTS: dict[str, Callable[..., float]] = {
+    "A": loop_tutorial,
+    "B": loop_floor,
+    "C": plain_lightning,
+    "D": xentlit_default,
+    "E": xentlit_fastest,
+}
+
+
+def run(batch_sizes: tuple[int, ...] = (64, 512), repeats: int = 5, quick: bool = False,
+        out_dir: Path | None = None) -> str:
+    """Run the benchmark; return the Markdown report."""
+    import tempfile
+
+    torch.set_num_threads(1)
+    x, y = digits_tensors(2 if quick else REPEAT)
+    out_dir = out_dir or Path(tempfile.mkdtemp(prefix="xentlit-bench-"))
+    lines = [f"torch {torch.__version__}, lightning {pl.__version__}, {len(x)} rows, 1 thread, "
+             f"medians of {repeats} interleaved repetitions", ""]
+    for batch_size in batch_sizes:
+        times: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "D-no-doctor"]}
+        for _ in range(repeats):
+            for name, fn in VARIANTS.items():
+                kwargs = {"out_dir": out_dir} if name == "D" else {}
+                times[name].append(fn(x, y, batch_size, **kwargs))
+            times["D-no-doctor"].append(xentlit_default(x, y, batch_size, out_dir, doctor=False))
+        med = {name: statistics.median(values) for name, values in times.items()}
+        lines += [f"### batch size {batch_size}", "", "| variant | epoch time (s) | samples/s | vs B |", "|---|---|---|---|"]
+        for name, value in med.items():
+            lines.append(f"| {name} | {value:.3f} | {len(x) / value:,.0f} | {value / med['B']:.2f} |")
+        lines += ["", f"D/B = {med['D'] / med['B']:.2f}, E/B = {med['E'] / med['B']:.2f}, "
+                  f"A/D = {med['A'] / med['D']:.2f}, C/D = {med['C'] / med['D']:.2f}, "
+                  f"doctor overhead D/D-no-doctor = {med['D'] / med['D-no-doctor']:.3f}", ""]
+    if not quick:
+        launch = statistics.median(launch_to_first_step([]) for _ in range(3))
+        lines += [f"Launch of `python scripts/train.py` to its first training step: {launch:.2f} s (median of 3)", ""]
+        lines += ["| variant | peak RSS (MiB), one epoch, batch 64 |", "|---|---|"]
+        lines += [f"| {name} | {peak_memory_mb(name, 64):.0f} |" for name in VARIANTS]
+    return "\n".join(lines)
