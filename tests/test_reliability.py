@@ -98,3 +98,18 @@ def test_checkpoint_of_another_number_of_classes_fails_clearly(uninterrupted, tm
     assert result.returncode != 0
     assert "the checkpoint does not fit this model" in result.stderr
     assert "net.head.weight: checkpoint (10, 256) vs model (3, 256)" in result.stderr
+
+
+def test_two_runs_started_together_get_separate_run_directories(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(SCRIPTS / "train.py"), "trainer.max_epochs=1"]
+    procs = [subprocess.Popen([*command, f"seed={seed}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
+    runs = run_dirs(tmp_path / "outputs")
+    assert len(runs) == 2 and runs[0] != runs[1]
+    seeds = sorted(int((r / ".hydra" / "overrides.yaml").read_text().split("seed=")[1].split()[0]) for r in runs)
+    assert seeds == [1, 2]
+    assert all(len((r / "csv" / "metrics.csv").read_text().splitlines()) >= 2 for r in runs)
