@@ -24,6 +24,18 @@ def test_default_run_reaches_95_percent_on_digits(tmp_path):
     assert (run / "csv" / "metrics.csv").exists()
     assert (run / ".hydra" / "config.yaml").exists()
     assert "test/acc" in result.stdout and "final metrics" in result.stdout
+    # no warning spam on the default run
+    output = result.stdout + result.stderr
+    assert "Warning" not in output and "warn(" not in output and "💡" not in output, output[-3000:]
+    assert sorted(p.name for p in (run / "plots").iterdir()) == [
+        "confusion_matrix.png", "curves.png", "per_class.png", "reliability.png"]
+
+
+def test_help_lists_the_config_groups_and_options(tmp_path):
+    result = run_script("train.py", "--help", cwd=tmp_path)
+    for line in ("optimizer: adam, adamw, sgd", "scheduler: cosine, none, onecycle, plateau, step",
+                 "trainer: cpu, ddp, ddp_cpu, default, gpu", "precision: bf16, fp16, fp32"):
+        assert line in result.stdout
 
 
 def test_overrides_change_the_run(tmp_path):

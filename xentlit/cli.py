@@ -122,6 +122,7 @@ def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[
 
     register_configs()
     _use_one_run_dir_per_job()
+    _quiet_known_noise()
     config_dir = Path(sys.modules["__main__"].__file__ or ".").resolve().parents[1] / "conf"
     main = hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(run)
 
@@ -130,6 +131,25 @@ def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[
         return main()
 
     return entry
+
+
+def _quiet_known_noise() -> None:
+    """Silence two messages every run would otherwise print, neither actionable by the user:
+
+    - Lightning 2.6 builds pytree specs with ``LeafSpec()``, which torch 2.13 deprecates (Lightning's code,
+      harmless; it goes away with a Lightning release that follows torch);
+    - Lightning's advertisement for its hosted logger, printed at every ``Trainer`` start.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+    class _DropTip(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip")
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
 
 
 def _argv_for_resume(argv: list[str]) -> list[str]:
