@@ -19,10 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning import LightningDataModule
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -636,6 +634,8 @@ def _take(
     stratify = (
         counts.min() >= 2 and n_take >= n_strata and len(idx) - n_take >= n_strata
     )
+    from sklearn.model_selection import train_test_split  # lazily: scikit-learn takes a second to import
+
     rest, taken = train_test_split(
         idx, test_size=n_take, random_state=rng, stratify=s if stratify else None
     )
@@ -690,6 +690,8 @@ class DigitsDataModule(TensorDataModule):
 
     def load(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The digits arrays from the scikit-learn package data."""
+        from sklearn.datasets import load_digits
+
         bunch = load_digits()
         return bunch.data.astype(np.float32), bunch.target.astype(np.int64), [str(i) for i in range(10)]
 
