@@ -18,6 +18,8 @@ GROUPS = {
 }
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
 NEEDS_CUDA = {("trainer", "gpu"), ("trainer", "ddp")}
+NEEDS_PACKAGE = {("logger", "mlflow"): "mlflow", ("logger", "wandb"): "wandb",
+                 ("hparams_search", "optuna"): "hydra_plugins.hydra_optuna_sweeper"}
 
 
 def test_groups_cover_the_swappable_parts():
@@ -54,13 +56,15 @@ def _instantiate_option(cfg, group: str, option: str, tmp_path):
         return [instantiate(entry) for entry in (cfg[group] or {}).values()]
     if group == "precision":
         return instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False)
-    if group in {"experiment", "debug", "launcher"}:
+    if group in {"experiment", "debug", "launcher", "hparams_search"}:
         return cfg
     raise AssertionError(f"no instantiation rule for group {group}")
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_shipped_option_composes_and_instantiates(compose, group, option, tmp_path):
+    if (group, option) in NEEDS_PACKAGE:
+        pytest.importorskip(NEEDS_PACKAGE[group, option])
     overrides = [f"{group}={option}", f"paths.output_dir={tmp_path}"]
     if (group, option) == ("data", "files"):
         csv = tmp_path / "data.csv"

@@ -240,9 +240,21 @@ def _distributed_job() -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextmanager
+def _one_tracker_run_per_job() -> Iterator[None]:
+    """Finish the W&B run when the job ends, also on an error: W&B keeps one global run per process and
+    Lightning's WandbLogger reuses it, so later jobs of a -m sweep would log into the first job's run."""
+    try:
+        yield
+    finally:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
+
+
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
-    with _distributed_job():
+    with _distributed_job(), _one_tracker_run_per_job():
         return _train(cfg)
 
 

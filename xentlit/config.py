@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -159,6 +159,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "logger": {
         "csv": schema(xentlit_loggers.CSVLogger),
         "tensorboard": schema(_tensorboard),
+        "mlflow": schema(pl_loggers.MLFlowLogger),
+        "wandb": schema(pl_loggers.WandbLogger, offline=(bool, False), entity=(Optional[str], None),
+                        group=(Optional[str], None)),
     },
     "callbacks": {
         "model_checkpoint": schema(pl_callbacks.ModelCheckpoint),
