@@ -1,5 +1,6 @@
 """xentlit: cross-entropy classifiers done right, on PyTorch Lightning + Hydra."""
 
+from xentlit.callbacks import ConvergenceDoctor
 from xentlit.data import DigitsDataModule, FileDataModule, SyntheticDataModule, TensorBatchDataset, TensorDataModule
 from xentlit.losses import CrossEntropyLoss, class_weights, cross_entropy
 from xentlit.module import XentModule
@@ -9,6 +10,7 @@ from xentlit.plots import PlotCallback
 __all__ = [
     "MLP",
     "PlotCallback",
+    "ConvergenceDoctor",
     "CrossEntropyLoss",
     "DigitsDataModule",
     "FileDataModule",

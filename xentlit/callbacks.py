@@ -48,11 +48,15 @@ boundary (kept as a CPU copy, or the initial weights during the first epoch), cl
 and sets ``trainer.should_stop``: training ends cleanly and every checkpoint Lightning writes afterwards holds
 finite weights, while the checkpoints written before stay as they were.
 
-Cost: per training step a handful of small kernels on the logits (one log-softmax) and one gradient norm;
-the statistics are accumulated on the device. On CPU the per-step values are read directly (no device to
-wait for); on CUDA they are copied asynchronously and read one step later, so the host never waits for the
-current step. Epoch statistics are all-reduced once per epoch (one collective, called on every rank), so
-DDP cannot deadlock and every rank takes the same decisions.
+Cost: per training step the doctor keeps references to the step's (already detached) logits and targets and
+reads the loss scalar the module returned; the statistics are computed in chunks (once per epoch for small
+problems, or whenever about ``chunk_size`` logits have accumulated), so the number of kernels per step stays
+near zero and memory stays bounded. The gradient norm is computed on the first steps and then every
+``trainer.log_every_n_steps`` steps. On CPU the per-step loss is read directly (no device to wait for); on
+CUDA it is copied asynchronously into pinned memory and read one step later, so the host never waits for the
+current step. Epoch statistics are all-reduced once per epoch (one collective, called on every rank), so DDP
+cannot deadlock and every rank takes the same decisions. Expensive checks (first batches, initial loss) run
+once.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +104,9 @@ _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 _DIVERGENCE_TEXT = re.compile(r"non-finite|diverg|\bnan\b|\binf\b|overflow", re.IGNORECASE)
 _N_BINS = 15  # calibration bins (as XentModule's default ECE)
 _GRAD_REFERENCE_STEPS = 5
+_TUNER_CALLBACKS = {"LearningRateFinder", "BatchSizeFinder", "_LRCallback"}
+_LOCAL_CODES = {"float_class_indices", "float_one_hot_targets", "integer_one_hot_targets", "target_out_of_range",
+                "non_finite_inputs", "softmax_before_loss", "initial_loss", "unscaled_inputs"}  # found on one rank
 
 
 @dataclass
@@ -145,54 +152,102 @@ def _evidence(**values: Any) -> dict[str, Any]:
 
 
 def _flatten_classes(logits: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``(N, C, d1, ...)`` logits -> ``(N*d1*..., C)``; targets follow (indices or probabilities)."""
-    if logits.dim() <= 2:
-        return logits.reshape(logits.shape[0], -1), target
+    """``(N, C, d1, ...)`` logits -> ``(N*d1*..., C)``; targets follow (indices ``(M,)`` or probabilities
+    ``(M, C)``), or ``None`` when their shape does not match the logits."""
     c = logits.shape[1]
-    flat = logits.movedim(1, -1).reshape(-1, c)
+    flat = logits.movedim(1, -1).reshape(-1, c) if logits.dim() > 2 else logits
     if target is None:
         return flat, None
-    if target.is_floating_point() and target.dim() == logits.dim():
-        return flat, target.movedim(1, -1).reshape(-1, c)
-    return flat, target.reshape(-1)
+    if target.is_floating_point() and target.dim() == logits.dim() and target.shape[1] == c and target.dim() > 1:
+        soft = target.movedim(1, -1).reshape(-1, c) if target.dim() > 2 else target
+        return flat, soft if soft.shape == flat.shape else None
+    index = target.reshape(-1)
+    return flat, index if index.numel() == flat.shape[0] else None
+
+
+def _to_host(values: list[Tensor]) -> list[float]:
+    """Scalars (possibly on several devices) as floats, with one device-to-host copy per device."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        by_device.setdefault(v.device, []).append(i)
+    for device, index in by_device.items():
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        host = torch.stack([values[i].reshape(()).to(dtype) for i in index]).cpu().tolist()
+        for i, v in zip(index, host):
+            out[i] = v
+    return out
 
 
 class _StepReader:
-    """Per-step scalars read without stalling the device: directly on CPU, one step late on CUDA.
+    """Per-step scalars read without stalling the device.
 
-    On CUDA each step's vector is copied into pinned host memory with ``non_blocking=True`` and an event is
-    recorded; the next step waits on that (old) event only, so the host never waits for the current step, and
-    every DDP rank reads the values of the same step (identical decisions, no deadlock). Other accelerators
-    are read only when :meth:`flush` is called (epoch boundaries).
+    CPU: read at once (there is no device to wait for). CUDA: copied into pinned host memory with
+    ``non_blocking=True`` and an event recorded; the next step waits on that (old) event only, so the host never
+    waits for the current step, and every DDP rank reads the values of the same step (identical decisions, no
+    deadlock). Other accelerators (MPS, XLA, ...): kept on the device and read together at :meth:`flush` (epoch
+    boundaries), one synchronisation per epoch.
     """
 
     def __init__(self) -> None:
-        self._pending: tuple[Tensor, Any, Any] | None = None
+        self._pending: list[tuple[Any, Tensor, Any]] = []
+        self._pinned: dict[int, list[Tensor]] = {}
+        self._flip = 0
 
-    def push(self, values: Tensor, tag: Any) -> list[tuple[Any, list[float]]]:
-        """Queue this step's values; return the values that are now readable, as ``(tag, values)``."""
-        ready = self.flush()
-        device = values.device
+    def push(self, values: list[Tensor], tag: Any) -> list[tuple[Any, list[float]]]:
+        """Queue this step's scalars; return the values that are now readable, as ``(tag, values)``."""
+        device = values[0].device
         if device.type == "cpu":
-            ready.append((tag, values.tolist()))
-        elif device.type == "cuda":
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (host, event, tag)
-        else:
-            self._pending = (values.detach().clone(), None, tag)
+            return [(tag, [float(v) for v in values])]
+        vec = torch.stack([v.reshape(()).to(torch.float32) for v in values]) if len(values) > 1 else \
+            values[0].reshape(1).to(torch.float32)
+        if device.type != "cuda":
+            self._pending.append((tag, vec, None))
+            return []
+        ready = self.flush()
+        ring = self._pinned.get(vec.numel())
+        if ring is None:
+            ring = self._pinned[vec.numel()] = [torch.empty(vec.numel(), pin_memory=True) for _ in range(2)]
+        self._flip ^= 1
+        host = ring[self._flip]
+        host.copy_(vec, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((tag, host, event))
         return ready
 
     def flush(self) -> list[tuple[Any, list[float]]]:
-        if self._pending is None:
+        if not self._pending:
             return []
-        host, event, tag = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        return [(tag, host.tolist())]
+        pending, self._pending = self._pending, []
+        ready = []
+        for tag, values, event in pending:
+            if event is not None:
+                event.synchronize()
+            ready.append((tag, values.tolist()))
+        return ready
+
+
+class _Chunks:
+    """References to detached ``(logits, target)`` pairs of several batches, reduced together.
+
+    Memory is accounted in bytes of the storages kept alive (a view of a larger tensor keeps all of it).
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.items: list[tuple[Tensor, Tensor]] = []
+        self.held = 0
+
+    def add(self, logits: Tensor, target: Tensor) -> bool:
+        """Keep the pair; True when enough has accumulated to be reduced."""
+        self.items.append((logits, target))
+        self.held += logits.untyped_storage().nbytes() + target.untyped_storage().nbytes()
+        return self.held >= self.limit
+
+    def take(self) -> list[tuple[Tensor, Tensor]]:
+        items, self.items, self.held = self.items, [], 0
+        return items
 
 
 class ConvergenceDoctor(Callback):
@@ -215,6 +270,9 @@ class ConvergenceDoctor(Callback):
         max_preactivation: largest RMS of the first layer's outputs accepted without comment.
         window: epochs over which a flat loss (``lr_too_low``), persistent collapse (``majority_collapse``)
             and rising validation loss (``overconfidence``) are judged.
+        chunk_size: how many logits (float32 elements' worth of memory, logits and targets together) are held
+            before their statistics are computed: bounds the memory the doctor holds (16 MiB by default) and
+            the number of kernels it launches.
         report_file: file name of the report in ``trainer.default_root_dir`` (None: no file).
         log_metrics: log ``doctor/grad_norm`` and ``doctor/max_prob`` once per epoch.
         verbose: log each finding as a warning when found and print the summary at the end of ``fit``.
@@ -236,6 +294,7 @@ class ConvergenceDoctor(Callback):
         max_input_scale: float = 100.0,
         max_preactivation: float = 30.0,
         window: int = 3,
+        chunk_size: int = 1 << 22,
         report_file: str | None = DIAGNOSIS_FILE,
         log_metrics: bool = True,
         verbose: bool = True,
@@ -261,6 +320,9 @@ class ConvergenceDoctor(Callback):
         self.max_input_scale = float(max_input_scale)
         self.max_preactivation = float(max_preactivation)
         self.window = int(window)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = int(chunk_size)
         self.report_file = report_file
         self.log_metrics = log_metrics
         self.verbose = verbose
@@ -279,6 +341,12 @@ class ConvergenceDoctor(Callback):
             "findings": [f.to_dict() for f in findings],
             "codes": [f.code for f in findings],
         }
+
+    @property
+    def history(self) -> dict[str, list[dict[str, float]]]:
+        """Per-epoch statistics: ``train`` (NLL, module loss, mean max-probability, gradient norm, ...) and
+        ``val`` (NLL, accuracy, confidence, ECE and its overconfident part, ...), reduced over ranks."""
+        return {"train": list(self._train_history), "val": list(self._val_history)}
 
     def summary(self) -> str:
         """A readable multi-line summary of the findings."""
@@ -309,46 +377,74 @@ class ConvergenceDoctor(Callback):
         self._device: torch.device | None = None
         self._dtype = torch.float64
         self._num_classes: int | None = None
+        self._ignore = -100
         self._checked_first: set[str] = set()
         self._last_batch: tuple[str, Any] | None = None
+        self._batch_step = 0
+        self._opt_steps = 0
+        self._single = True
+        self._measure_change = False
         self._step0_pending = True
         self._input_stats: dict[str, float] | None = None
         self._hooks: list[Any] = []
         self._first_layer: list[tuple[str, Tensor]] = []
         self._reader = _StepReader()
+        # gradient norms
+        self._grad_every = 10
         self._grad_norm: Tensor | None = None
+        self._grad_measured = False
         self._grad_history: list[float] = []
         self._grad_reference: float | None = None
-        self._loss_reference: float | None = None
-        self._initial_nll: float | None = None
         self._explode_streak = 0
-        self._train_acc: Tensor | None = None
-        self._train_gn: Tensor | None = None
-        self._train_counts: Tensor | None = None
-        self._val_acc: Tensor | None = None
+        # losses
+        self._loss_reference: float | None = None
+        self._loss_scale = 1.0
+        self._loss_limit: float | None = None
+        self._initial_nll: float | None = None
+        self._last_loss: float | None = None
+        self._module_loss0: float | None = None
+        self._uniform_loss: float | None = None
+        self._epoch_loss = [0.0, 0]
+        self._epoch_grad = [0.0, 0, 0.0]
+        # statistics (device tensors, reduced in chunks)
+        self._train_chunks = _Chunks(4 * self.chunk_size)
+        self._val_chunks = _Chunks(4 * self.chunk_size)
+        self._train_stats: Tensor | None = None
+        self._train_rows = [0, 0]  # rows and batches in _train_stats (known on the host)
+        self._val_stats: Tensor | None = None
+        self._val_pending: list[tuple[int, int, Tensor | None]] = []
+        self._train_counts: list[float] | None = None
         self._dm_counts: Tensor | None = None
-        self._snapshot: dict[str, Tensor] | None = None
+        # weights
+        self._snapshot: list[Tensor] | None = None
+        self._tensors: tuple[list[Tensor], int] | None = None
         self._snapshot_step = -1
         self._weight_change: float | None = None
+        # histories and verdict state
         self._train_history: list[dict[str, float]] = []
         self._val_history: list[dict[str, float]] = []
         self._collapse_streak = 0
         self._last_collapse: dict[str, Any] | None = None
         self._warned_contract = False
-        self._last_train_nll: float | None = None
-        self._batch_step = 0
+        self._internal_errors: set[str] = set()
+        self._detected: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == TrainerFn.FITTING.value or stage == "fit":
-            self._reset()
-            self._active = True
-
-    def _fitting(self, trainer: pl.Trainer) -> bool:
-        return self._active and trainer.state.fn == TrainerFn.FITTING
+        if stage != TrainerFn.FITTING.value:
+            return
+        self._reset()
+        tuners = [type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in _TUNER_CALLBACKS]
+        if tuners:  # an lr / batch-size search diverges on purpose: nothing to diagnose
+            if trainer.is_global_zero:
+                log.info("ConvergenceDoctor is off for this fit: %s runs in it.", ", ".join(tuners))
+            return
+        self._active = True
+        self._ignore = self._resolve_ignore_index(pl_module)
 
     # --------------------------------------------------------------------------------------- findings
     def _add(self, trainer: pl.Trainer | None, code: str, message: str, stage: str = "train",
              evidence: dict[str, Any] | None = None, step: int | None = None) -> Finding | None:
+        self._detected.append(code)
         if any(f.code == code for f in self.findings):
             return None
         severity = CODES[code][0]
@@ -357,9 +453,24 @@ class ConvergenceDoctor(Callback):
             step = int(trainer.global_step) if trainer is not None else 0
         finding = Finding(code, severity, stage, epoch, step, message, evidence or {})
         self.findings.append(finding)
-        if self.verbose and (trainer is None or trainer.is_global_zero):
-            log.warning("ConvergenceDoctor %s", finding.format())
+        if self.verbose and trainer is not None:
+            # Batch-level findings are this rank's own (and must be seen even if this rank then fails);
+            # epoch-level ones are the same on every rank: rank 0 speaks for all.
+            if code in _LOCAL_CODES and trainer.world_size > 1:
+                log.warning("ConvergenceDoctor (rank %d) %s", trainer.global_rank, finding.format())
+            elif trainer.is_global_zero:
+                log.warning("ConvergenceDoctor %s", finding.format())
         return finding
+
+    def _safely(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a rank-local check; a diagnostic must never break training (collectives are never guarded)."""
+        try:
+            return fn(*args)
+        except Exception as err:
+            if what not in self._internal_errors:
+                self._internal_errors.add(what)
+                log.warning("ConvergenceDoctor skipped %s: %s: %s", what, type(err).__name__, err)
+            return None
 
     def _has(self, *codes: str) -> bool:
         return any(f.code in codes for f in self.findings)
@@ -404,8 +515,15 @@ class ConvergenceDoctor(Callback):
             return None, None, outputs if isinstance(outputs, Tensor) else None
         logits, target, loss = (outputs.get(k) for k in (self.logits_key, self.target_key, self.loss_key))
         ok = isinstance(logits, Tensor) and logits.dim() >= 2 and isinstance(target, Tensor)
-        return (logits.detach() if ok else None, target.detach() if ok else None,
-                loss.detach() if isinstance(loss, Tensor) else None)
+        if not ok:
+            logits = target = None
+        elif logits.requires_grad or target.requires_grad:
+            logits, target = logits.detach(), target.detach()
+        if not isinstance(loss, Tensor):
+            loss = None
+        elif loss.requires_grad:
+            loss = loss.detach()
+        return logits, target, loss
 
     def _warn_contract(self, trainer: pl.Trainer) -> None:
         if not self._warned_contract and trainer.is_global_zero:
@@ -416,23 +534,28 @@ class ConvergenceDoctor(Callback):
         self._warned_contract = True
 
     # ------------------------------------------------------------------------ checks on a raw batch
-    def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, stage: str) -> None:
-        """Input and target checks from the batch itself, before the forward pass (one host sync)."""
+    def _check_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, stage: str) -> list[str]:
+        """Input and target checks from the batch itself, before the forward pass (one host sync).
+
+        Returns the codes this batch shows (also those already reported).
+        """
+        self._detected = []
         x, y = self._unpack(pl_module, batch)
         values: list[Tensor] = []
         layout: list[str] = []
+        known: dict[str, float] = {}
         if isinstance(x, Tensor) and x.is_floating_point() and x.numel() > 0:
             xf = x.detach().float()
             xf = xf.reshape(xf.shape[0], -1) if xf.dim() > 1 else xf.reshape(-1, 1)
             finite = torch.isfinite(xf)
             xz = torch.where(finite, xf, torch.zeros((), device=xf.device))
-            values += [(~finite).sum(), xz.abs().amax(), xz.pow(2).mean(0).sqrt().amax(), xz.mean(0).abs().amax(),
-                       torch.tensor(float(xf.numel()), device=xf.device)]
-            layout += ["x_nonfinite", "x_abs_max", "x_feature_rms_max", "x_feature_mean_abs_max", "x_numel"]
+            values += [(~finite).sum(), xz.abs().amax(), xz.pow(2).mean(0).sqrt().amax(), xz.mean(0).abs().amax()]
+            layout += ["x_nonfinite", "x_abs_max", "x_feature_rms_max", "x_feature_mean_abs_max"]
+            known["x_numel"] = float(xf.numel())
         target_kind = None
         if isinstance(y, Tensor) and y.numel() > 0 and not y.is_complex() and y.dtype != torch.bool:
             c = self._known_num_classes(trainer, pl_module)
-            ignore = self._resolve_ignore_index(pl_module)
+            ignore = self._ignore
             yd = y.detach()
             dev = yd.device
             if yd.is_floating_point():
@@ -447,8 +570,9 @@ class ConvergenceDoctor(Callback):
                     target_kind = "float_2d"
                     binary = ((yz == 0) | (yz == 1)).all()
                     one_hot = binary & (yz.sum(1) == 1).all()
-                    values += [one_hot, torch.tensor(float(yd.shape[1]), device=dev)]
-                    layout += ["y_one_hot", "y_width"]
+                    values += [one_hot]
+                    layout += ["y_one_hot"]
+                    known["y_width"] = float(yd.shape[1])
             else:
                 yl = yd.long()
                 valid = yl != ignore
@@ -461,20 +585,21 @@ class ConvergenceDoctor(Callback):
                 big = torch.iinfo(torch.long).max
                 vmin = torch.where(valid, yl, big).amin()
                 vmax = torch.where(valid, yl, -big).amax()
-                values += [bad.sum(), n_valid, vmin, vmax, torch.tensor(float(yl.numel()), device=dev)]
-                layout += ["y_bad", "y_valid", "y_min", "y_max", "y_numel"]
+                values += [bad.sum(), n_valid, vmin, vmax]
+                layout += ["y_bad", "y_valid", "y_min", "y_max"]
                 if yl.dim() == 2 and yl.shape[1] >= 2 and (c is None or yl.shape[1] == c):
                     binary = ((yl == 0) | (yl == 1)).all()
                     values += [binary & (yl.sum(1) == 1).all()]
                     layout += ["y_one_hot"]
         if not values:
-            return
-        host = dict(zip(layout, torch.stack([v.to(torch.float64).reshape(()).cpu() for v in values]).tolist()))
+            return []
+        host = {**dict(zip(layout, _to_host(values))), **known}
         if stage == "train" and "x_numel" in host:
             self._input_stats = host
         self._judge_inputs(trainer, host, stage)
         if target_kind is not None:
             self._judge_targets(trainer, pl_module, host, target_kind, y, stage)
+        return list(self._detected)
 
     def _judge_inputs(self, trainer: pl.Trainer, host: dict[str, float], stage: str) -> None:
         if host.get("x_nonfinite", 0) > 0:
@@ -489,7 +614,7 @@ class ConvergenceDoctor(Callback):
     def _judge_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule, host: dict[str, float],
                        kind: str, y: Tensor, stage: str) -> None:
         c = self._known_num_classes(trainer, pl_module)
-        ignore = self._resolve_ignore_index(pl_module)
+        ignore = self._ignore
         shape = list(y.shape)
         if kind == "float_1d" and host["y_whole"] > 0:
             self._add(trainer, "float_class_indices", stage=stage, evidence=_evidence(
@@ -561,10 +686,13 @@ class ConvergenceDoctor(Callback):
 
     # ------------------------------------------------------------------------------------ fit lifecycle
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
         self._device = pl_module.device
         self._dtype = torch.float32 if self._device.type == "mps" else torch.float64
+        self._grad_every = max(int(getattr(trainer, "log_every_n_steps", 10) or 10), 1)
+        self._opt_steps = int(trainer.global_step)
+        self._single = trainer.world_size == 1
         counts = None
         try:
             dm_counts = getattr(trainer.datamodule, "class_counts", None) if trainer.datamodule is not None else None
@@ -577,36 +705,48 @@ class ConvergenceDoctor(Callback):
             self._take_snapshot(trainer, pl_module, check=False)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
-        self._train_acc = None
-        self._train_gn = None
+        self._train_chunks.take()
+        self._train_stats = None
+        self._train_rows = [0, 0]
+        self._epoch_loss = [0.0, 0]
+        self._epoch_grad = [0.0, 0, 0.0]
+        self._grad_measured = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
         self._last_batch = ("train", batch)
-        self._batch_step = int(trainer.global_step)
-        if "train" not in self._checked_first:
+        self._batch_step = self._opt_steps
+        if self._step0_pending and "train" not in self._checked_first:
             self._checked_first.add("train")
-            self._check_batch(trainer, pl_module, batch, "train")
-            self._install_probe(pl_module)
+            self._safely("the first training batch's checks", self._check_batch, trainer, pl_module, batch, "train")
+            self._safely("the first-layer probe", self._install_probe, pl_module)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
+        step = self._opt_steps
+        self._opt_steps += 1
+        if step >= _GRAD_REFERENCE_STEPS and step % self._grad_every and self._grad_measured:
+            return  # (measured on the first steps, the first step of every epoch, then every n steps)
+        self._grad_measured = True
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None and not p.grad.is_sparse]
-        if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-        self._grad_norm = norm if self._grad_norm is None else torch.hypot(self._grad_norm, norm)
+        if grads:
+            first = grads[0]
+            if all(g.device == first.device and g.dtype == first.dtype for g in grads):
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            else:
+                norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+            self._grad_norm = norm if self._grad_norm is None else torch.hypot(self._grad_norm, norm)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
         self._steps_seen += 1
         logits, target, loss = self._outputs(outputs)
@@ -614,101 +754,166 @@ class ConvergenceDoctor(Callback):
             self._step0_pending = False
             try:
                 if logits is not None:
-                    self._first_step_checks(trainer, pl_module, logits, target)
+                    self._safely("the first step's checks", self._first_step_checks, trainer, pl_module, logits,
+                                 target)
                 else:
                     self._warn_contract(trainer)
             finally:
                 self._remove_probe()
-        device = self._device or pl_module.device
-        dtype = self._dtype
-        zero = torch.zeros((), device=device, dtype=dtype)
-        if logits is not None and target is not None:
-            nll_sum, n_valid, maxprob_sum, n_rows, all_ignored = self._batch_stats(pl_module, logits, target)
-        else:
-            nll_sum = n_valid = maxprob_sum = n_rows = all_ignored = zero
-        loss_value = loss.to(device=device, dtype=dtype).reshape(-1)[0] if loss is not None and loss.numel() else zero
+        if logits is not None and target is not None and self._train_chunks.add(logits, target):
+            self._reduce_train_chunks()
+        values: list[Tensor] = []
+        if loss is not None and loss.numel() == 1:
+            values.append(loss)
         gn = self._grad_norm
-        self._grad_norm = None
-        has_gn = gn is not None
-        gn_value = gn.to(device=device, dtype=dtype) if has_gn else zero
-        gn_finite = torch.isfinite(gn_value)
-        step_vec = torch.stack([nll_sum, n_valid, loss_value, gn_value, all_ignored])
-        acc_vec = torch.stack([nll_sum, n_valid, maxprob_sum, n_rows, all_ignored, torch.ones_like(zero),
-                               torch.where(gn_finite, gn_value, zero),
-                               (gn_finite.to(dtype) if has_gn else zero)])
-        self._train_acc = acc_vec if self._train_acc is None else self._train_acc + acc_vec
-        if has_gn:
-            g = torch.where(gn_finite, gn_value, zero)
-            self._train_gn = g if self._train_gn is None else torch.maximum(self._train_gn, g)
-        if target is not None and logits is not None and self._dm_counts is None:
-            counts = self._target_counts(pl_module, logits, target)
-            self._train_counts = counts if self._train_counts is None else self._train_counts + counts
-        tag = (self._batch_step, int(trainer.current_epoch), has_gn)
-        self._watch(trainer, pl_module, self._reader.push(step_vec, tag))
+        if gn is not None:
+            self._grad_norm = None
+            values.append(gn)
+        if values:
+            tag = (self._batch_step, loss is not None and loss.numel() == 1, gn is not None)
+            self._watch(trainer, pl_module, self._reader.push(values, tag))
 
-    # ---------------------------------------------------------------------- per-batch statistics (device)
-    def _batch_stats(self, pl_module: pl.LightningModule, logits: Tensor, target: Tensor) -> tuple[Tensor, ...]:
-        dtype = self._dtype
-        lg, t = _flatten_classes(logits, target)
-        assert t is not None
-        lsm = lg.float().log_softmax(dim=1)
-        maxprob = lsm.amax(dim=1).exp()
-        if t.is_floating_point() and t.shape == lsm.shape:
-            nll = -(t.float() * torch.where(t > 0, lsm, torch.zeros((), device=lsm.device))).sum(dim=1)
-            n_valid = lsm.new_full((), float(t.shape[0]))
-            all_ignored = lsm.new_zeros(())
-            nll_sum = nll.sum()
+    # ---------------------------------------------------------------------- statistics, in chunks (device)
+    def _reduce_train_chunks(self) -> None:
+        items = self._train_chunks.take()
+        if not items:
+            return
+        result = self._safely("the training statistics", self._train_chunk_stats, items)
+        if result is None:
+            return
+        stats, rows, batches = result
+        self._train_rows[0] += rows
+        self._train_rows[1] += batches
+        if self._train_stats is None or self._train_stats.shape != stats.shape:
+            self._train_stats = stats
         else:
-            tl = t.long().reshape(-1)
-            valid = (tl != self._resolve_ignore_index(pl_module)) & (tl >= 0) & (tl < lsm.shape[1])
-            safe = torch.where(valid, tl, 0)
-            nll = -lsm.gather(1, safe.unsqueeze(1)).squeeze(1)
-            nll_sum = torch.where(valid, nll, 0.0).sum()
+            self._train_stats = self._train_stats + stats
+
+    def _flatten_items(self, items: list[tuple[Tensor, Tensor]]
+                       ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]] | None:
+        """The chunk's logits ``(M, C)`` and targets concatenated, and the batches kept (same C, same kind)."""
+        c = items[0][0].shape[1]
+        soft = None
+        kept, flat = [], []
+        for lg, t in items:
+            f_lg, f_t = _flatten_classes(lg, t)
+            if f_t is None or f_lg.shape[1] != c:
+                continue
+            is_soft = f_t.is_floating_point() and f_t.dim() == 2
+            if soft is None:
+                soft = is_soft
+            if is_soft != soft:
+                continue
+            kept.append((lg, t))
+            flat.append((f_lg, f_t))
+        if not flat:
+            return None
+        if len(flat) == 1:
+            return flat[0][0], flat[0][1], kept
+        return torch.cat([lg for lg, _ in flat]), torch.cat([t for _, t in flat]), kept
+
+    def _valid_targets(self, t: Tensor, c: int) -> tuple[Tensor, Tensor]:
+        """``(valid, safe)``: which index targets count, and the targets with every other one set to ``c``
+        (out of range: ``bincount``'s spill bin, never equal to a prediction)."""
+        tl = t.long()
+        valid = tl.clamp(0, c - 1) == tl
+        if 0 <= self._ignore < c:  # (a negative ignore_index, the usual one, is already out of range)
+            valid &= tl != self._ignore
+        return valid, torch.where(valid, tl, c)
+
+    @staticmethod
+    def _log_partition(x: Tensor, with_argmax: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(logsumexp, 1 / sum(exp(x - max)), argmax)`` per row; ``1 / sum(...)`` is the max probability.
+
+        Built from max, one exp and a sum instead of ``log_softmax``, whose CPU kernel is about ten times
+        slower over a short class dimension, and without materialising the (N, C) log-probabilities.
+        """
+        if with_argmax:
+            top, arg = x.max(dim=1, keepdim=True)
+        else:
+            top, arg = x.amax(dim=1, keepdim=True), None
+        total = (x - top).exp().sum(dim=1)
+        return total.log() + top.squeeze(1), total.reciprocal(), (arg.squeeze(1) if arg is not None else None)
+
+    @staticmethod
+    def _nll_sum(x: Tensor, lse: Tensor, t: Tensor, valid: Tensor | None, safe: Tensor | None) -> Tensor:
+        """Summed negative log-likelihood of index targets (``valid``/``safe``) or of probability targets."""
+        if valid is None or safe is None:
+            return (t.float() * (lse.unsqueeze(1) - x)).where(t > 0, 0.0).sum()
+        picked = x.gather(1, safe.clamp_max(x.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        return torch.where(valid, lse - picked, 0.0).sum()
+
+    def _train_chunk_stats(self, items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, int, int] | None:
+        """``[nll_sum, labelled, max_prob_sum, all_ignored_batches, counts (C)]`` of a chunk, its rows and batches."""
+        flat = self._flatten_items(items)
+        if flat is None:
+            return None
+        lg, t, items = flat
+        c = lg.shape[1]
+        x = lg.float()
+        lse, maxprob, _ = self._log_partition(x)
+        if t.is_floating_point() and t.shape == x.shape:
+            nll_sum = self._nll_sum(x, lse, t, None, None)
+            n_valid = x.new_full((), float(t.shape[0]))
+            counts = t.float().sum(dim=0)
+            all_ignored = x.new_zeros(())
+        else:
+            valid, safe = self._valid_targets(t, c)
+            nll_sum = self._nll_sum(x, lse, t, valid, safe)
             n_valid = valid.sum()
-            all_ignored = (n_valid == 0)
-        return (nll_sum.to(dtype), n_valid.to(dtype), maxprob.sum().to(dtype),
-                lsm.new_full((), float(lsm.shape[0]), dtype=dtype), all_ignored.to(dtype))
+            counts = torch.bincount(safe, minlength=c + 1)[:c]
+            all_ignored = self._count_all_ignored(items, valid)
+        head = torch.stack([nll_sum, n_valid.to(x.dtype), maxprob.sum(), all_ignored.to(x.dtype)])
+        return torch.cat([head, counts.to(x.dtype)]).to(self._dtype), x.shape[0], len(items)
 
-    def _target_counts(self, pl_module: pl.LightningModule, logits: Tensor, target: Tensor) -> Tensor:
-        lg, t = _flatten_classes(logits, target)
-        assert t is not None
-        c = lg.shape[1]
-        if t.is_floating_point() and t.shape == lg.shape:
-            return t.to(self._dtype).sum(dim=0)
-        tl = t.long().reshape(-1)
-        valid = (tl != self._resolve_ignore_index(pl_module)) & (tl >= 0) & (tl < c)
-        return torch.bincount(torch.where(valid, tl, c), minlength=c + 1)[:c].to(self._dtype)
+    @staticmethod
+    def _count_all_ignored(items: list[tuple[Tensor, Tensor]], valid: Tensor) -> Tensor:
+        """Number of batches in the chunk without a labelled target (runs of equally sized batches at once)."""
+        sizes = [t.numel() for _, t in items]
+        total = valid.new_zeros((), dtype=torch.long)
+        start = i = 0
+        while i < len(sizes):
+            j = i
+            while j + 1 < len(sizes) and sizes[j + 1] == sizes[i]:
+                j += 1
+            k, size = j - i + 1, sizes[i]
+            if size:
+                total = total + (~valid[start:start + k * size].view(k, size).any(dim=1)).sum()
+            start += k * size
+            i = j + 1
+        return total
 
-    def _eval_stats(self, pl_module: pl.LightningModule, logits: Tensor, target: Tensor) -> Tensor:
-        """Validation statistics of one batch, as one vector (summed over batches and ranks)."""
-        lg, t = _flatten_classes(logits, target)
-        assert t is not None
+    def _eval_stats(self, items: list[tuple[Tensor, Tensor]]) -> Tensor | None:
+        """Validation statistics of a chunk as one vector (summed over chunks and ranks): ``[nll_sum, labelled,
+        correct, confidence_sum]``, then per confidence bin count/confidence/correct, then per class TP,
+        predictions and targets."""
+        flat = self._flatten_items(items)
+        if flat is None:
+            return None
+        lg, t, _ = flat
         c = lg.shape[1]
-        lsm = lg.float().log_softmax(dim=1)
-        conf_log, pred = lsm.max(dim=1)
-        conf = conf_log.exp()
-        if t.is_floating_point() and t.shape == lsm.shape:
-            hard = t.argmax(dim=1)
-            valid = torch.ones_like(hard, dtype=torch.bool)
-            nll = -(t.float() * torch.where(t > 0, lsm, torch.zeros((), device=lsm.device))).sum(dim=1)
+        x = lg.float()
+        lse, conf, pred = self._log_partition(x, with_argmax=True)
+        assert pred is not None
+        if t.is_floating_point() and t.shape == x.shape:
+            safe = t.argmax(dim=1)
+            valid = torch.ones_like(safe, dtype=torch.bool)
+            nll_sum = self._nll_sum(x, lse, t, None, None)
         else:
-            tl = t.long().reshape(-1)
-            valid = (tl != self._resolve_ignore_index(pl_module)) & (tl >= 0) & (tl < c)
-            hard = torch.where(valid, tl, 0)
-            nll = -lsm.gather(1, hard.unsqueeze(1)).squeeze(1)
-        vf = valid.to(lsm.dtype)
-        correct = (pred == hard).to(lsm.dtype) * vf
-        bins = (conf * _N_BINS).ceil().long().clamp(1, _N_BINS) - 1
-        bin_count = torch.bincount(bins, weights=vf, minlength=_N_BINS)
-        bin_conf = torch.bincount(bins, weights=conf * vf, minlength=_N_BINS)
-        bin_correct = torch.bincount(bins, weights=correct, minlength=_N_BINS)
-        drop = torch.full_like(hard, c)
-        tp = torch.bincount(torch.where(valid & (pred == hard), hard, drop), minlength=c + 1)[:c]
-        pred_counts = torch.bincount(torch.where(valid, pred, drop), minlength=c + 1)[:c]
-        tgt_counts = torch.bincount(torch.where(valid, hard, drop), minlength=c + 1)[:c]
-        head = torch.stack([(nll * vf).sum(), vf.sum(), correct.sum(), (conf * vf).sum()])
-        return torch.cat([head, bin_count, bin_conf, bin_correct, tp.to(lsm.dtype), pred_counts.to(lsm.dtype),
-                          tgt_counts.to(lsm.dtype)]).to(self._dtype)
+            valid, safe = self._valid_targets(t, c)  # invalid targets are c: never equal to a prediction
+            nll_sum = self._nll_sum(x, lse, t, valid, safe)
+        vf = valid.to(x.dtype)
+        hit = pred == safe
+        correct = hit.to(x.dtype)
+        conf_v = conf * vf
+        bins = (conf * _N_BINS).long().clamp_max(_N_BINS - 1)
+        calib = x.new_zeros(3, _N_BINS).index_add_(1, bins, torch.stack([vf, conf_v, correct]))
+        spill = torch.full_like(safe, c)
+        index = torch.stack([torch.where(hit, safe, spill), torch.where(valid, pred, spill) + (c + 1),
+                             safe + 2 * (c + 1)])
+        counts = torch.bincount(index.flatten(), minlength=3 * (c + 1)).view(3, c + 1)[:, :c]
+        head = torch.stack([nll_sum, vf.sum(), correct.sum(), conf_v.sum()])
+        return torch.cat([head, calib.flatten(), counts.flatten().to(x.dtype)]).to(self._dtype)
 
     # ---------------------------------------------------------------------------- first training step
     def _first_step_checks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, logits: Tensor,
@@ -722,9 +927,9 @@ class ConvergenceDoctor(Callback):
         spread = lgf.std(dim=1).mean() if c > 1 else torch.zeros((), device=lgf.device)
         values = [lgf.amin(), lgf.amax(), row_dev, spread, finite]
         names = ["min", "max", "row_dev", "spread", "finite"]
-        if t is not None:
-            nll_sum, n_valid, *_ = self._batch_stats(pl_module, logits, target)
-            values += [nll_sum.float(), n_valid.float()]
+        first = self._train_chunk_stats([(logits, target)]) if target is not None else None
+        if first is not None:
+            values += [first[0][0].float(), first[0][1].float()]
             names += ["nll_sum", "n_valid"]
         observed, expected = self._module_losses(pl_module, logits, target)
         if observed is not None and expected is not None:
@@ -733,28 +938,31 @@ class ConvergenceDoctor(Callback):
         if self._first_layer:
             values.append(self._first_layer[0][1].float())
             names.append("first_layer_rms")
-        host = dict(zip(names, torch.stack([v.to(torch.float64).reshape(()).cpu() for v in values]).tolist()))
+        host = dict(zip(names, _to_host(values)))
         ln_c = math.log(c)
 
         # 1. probabilities instead of logits
         if c >= 2 and host["min"] >= -1e-6 and host["max"] <= 1 + 1e-6 and host["row_dev"] <= 1e-3:
+            floor = math.log(c - 1 + math.e) - 1.0  # the loss of one-hot "logits": the best it can do
             self._add(trainer, "softmax_before_loss", step=self._batch_step, evidence=_evidence(
                 output_min=host["min"], output_max=host["max"], max_row_sum_deviation=host["row_dev"],
-                num_classes=c), message=(
+                num_classes=c, loss_floor=floor), message=(
                 f"The model's outputs are probabilities, not logits: every value lies in [0, 1] "
                 f"(min {host['min']:.3g}, max {host['max']:.3g}) and every row sums to 1. Cross-entropy applies "
-                "log-softmax itself, so a softmax before it squashes the logits into [0, 1]: the loss cannot go "
-                f"much below ln(C) - 1 (C={c}) and the gradients vanish. Fix: return raw logits from "
-                "forward()/the last layer (remove the final softmax / nn.Softmax); apply softmax only at "
-                "prediction time."))
+                "log-softmax itself, so a softmax before it squashes the logits into [0, 1]: the loss can never "
+                f"go below ln(C - 1 + e) - 1 = {floor:.3g} (C={c}) and the gradients vanish. Fix: return raw "
+                "logits from forward()/the last layer (remove the final softmax / nn.Softmax); apply softmax only "
+                "at prediction time."))
 
         # 2. initial loss
         nll0 = host["nll_sum"] / host["n_valid"] if host.get("n_valid", 0) > 0 else None
-        if nll0 is not None:
+        if nll0 is not None and math.isfinite(nll0):
             self._initial_nll = nll0
-            self._loss_reference = max(nll0, ln_c) if math.isfinite(nll0) else ln_c
         observed_loss = host.get("module_loss", nll0)
         expected_loss = host.get("module_uniform_loss", ln_c)
+        if observed_loss is not None and math.isfinite(observed_loss) and observed_loss > 0:
+            self._module_loss0 = observed_loss
+        self._uniform_loss = expected_loss if math.isfinite(expected_loss) else ln_c
         if observed_loss is not None and math.isfinite(expected_loss) and not self._has("softmax_before_loss"):
             tolerance = max(1.0, 0.5 * abs(expected_loss))
             if not math.isfinite(observed_loss) or observed_loss > expected_loss + tolerance:
@@ -857,42 +1065,61 @@ class ConvergenceDoctor(Callback):
     # ------------------------------------------------------------------------------ divergence watch
     def _watch(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                ready: list[tuple[Any, list[float]]]) -> None:
-        for (step, epoch, has_gn), (nll_sum, n_valid, loss_value, gn, all_ignored) in ready:
-            if self._has("divergence") and self._stopped:
+        """Judge the per-step loss and gradient norm of the steps whose values are readable now."""
+        for (step, has_loss, has_gn), values in ready:
+            if self._stopped:
                 return
-            nll = nll_sum / n_valid if n_valid > 0 else None
-            if nll is not None and math.isfinite(nll):
-                self._last_train_nll = nll
-            if has_gn and math.isfinite(gn) and len(self._grad_history) < _GRAD_REFERENCE_STEPS:
-                self._grad_history.append(gn)
-                if len(self._grad_history) == _GRAD_REFERENCE_STEPS:
-                    self._grad_reference = sorted(self._grad_history)[_GRAD_REFERENCE_STEPS // 2]
+            loss = values[0] if has_loss else None
+            if loss is not None:
+                self._epoch_loss[0] += loss
+                self._epoch_loss[1] += 1
+            if not has_gn and loss is not None and self._loss_limit is not None and loss <= self._loss_limit:
+                self._last_loss = loss  # the common case: a finite loss below the divergence limit
+                continue
+            gn = values[-1] if has_gn else None
+            single = self._single  # a per-rank loss may only stop a single process
             reason = None
-            evidence: dict[str, Any] = {"batch_loss": loss_value, "batch_nll": nll if nll is not None else "n/a",
-                                        "grad_norm": gn if has_gn else "n/a", "at_step": step}
-            scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
-            single = trainer.world_size == 1
-            if single and not math.isfinite(loss_value):
-                reason = "the training loss became NaN/inf"
-                if all_ignored > 0:
-                    reason += " on a batch whose every target is ignored (a plain mean over zero targets is 0/0)"
-            elif single and nll is not None and not math.isfinite(nll):
-                reason = "the logits became NaN/inf"
-            elif has_gn and not math.isfinite(gn) and not scaler:
-                reason = "the gradient norm became NaN/inf"
-            elif (single and nll is not None and self._loss_reference is not None
-                  and nll > max(self.divergence_factor * self._loss_reference, self._loss_reference + 10.0)):
-                reason = (f"the batch loss ({nll:.4g}) rose above {self.divergence_factor:g}x its initial value "
-                          f"({self._loss_reference:.4g})")
-                evidence["initial_loss"] = self._loss_reference
-            elif has_gn and self._grad_reference and gn > self.grad_explosion_factor * self._grad_reference:
-                self._explode_streak += 1
-                if self._explode_streak >= 2:
-                    reason = (f"the gradient norm exploded to {gn:.4g}, {gn / self._grad_reference:.3g}x its "
-                              f"value in the first steps ({self._grad_reference:.4g})")
-                    evidence["reference_grad_norm"] = self._grad_reference
-            elif has_gn:
-                self._explode_streak = 0
+            evidence: dict[str, Any] = {"at_step": step}
+            if loss is not None:
+                evidence["batch_loss"] = loss
+                if math.isfinite(loss):
+                    self._last_loss = loss
+                    if self._loss_reference is None:
+                        scale = loss / self._module_loss0 if self._module_loss0 else 1.0
+                        uniform = self._uniform_loss if self._uniform_loss is not None else 0.0
+                        self._loss_scale = scale
+                        self._loss_reference = max(loss, scale * uniform)
+                        self._loss_limit = (max(self.divergence_factor * self._loss_reference,
+                                                self._loss_reference + 10.0 * scale) if self._single else math.inf)
+                elif single:
+                    reason = "the training loss became NaN/inf"
+            if gn is not None:
+                evidence["grad_norm"] = gn
+                if math.isfinite(gn):
+                    self._epoch_grad[0] += gn
+                    self._epoch_grad[1] += 1
+                    self._epoch_grad[2] = max(self._epoch_grad[2], gn)
+                    if len(self._grad_history) < _GRAD_REFERENCE_STEPS:
+                        # the reference: median norm of the first measurements (provisional until there are 5)
+                        self._grad_history.append(gn)
+                        ordered = sorted(self._grad_history)
+                        self._grad_reference = ordered[(len(ordered) - 1) // 2]
+                    if self._grad_reference and gn > self.grad_explosion_factor * self._grad_reference:
+                        self._explode_streak += 1
+                        if self._explode_streak >= 2 and reason is None:
+                            reason = (f"the gradient norm exploded to {gn:.4g}, {gn / self._grad_reference:.3g}x "
+                                      f"its value in the first steps ({self._grad_reference:.4g})")
+                            evidence["reference_grad_norm"] = self._grad_reference
+                    else:
+                        self._explode_streak = 0
+                elif getattr(trainer.precision_plugin, "scaler", None) is None and reason is None:
+                    reason = "the gradient norm became NaN/inf"  # (a GradScaler skips such steps itself)
+            if (reason is None and single and loss is not None and math.isfinite(loss)
+                    and self._loss_limit is not None):
+                if loss > self._loss_limit:
+                    reason = (f"the batch loss ({loss:.4g}) rose above {self.divergence_factor:g}x its initial "
+                              f"value ({self._loss_reference:.4g})")
+                    evidence["initial_loss"] = self._loss_reference
             if reason is not None:
                 self._diverged(trainer, pl_module, reason, _evidence(**evidence), step=step)
                 return
@@ -912,9 +1139,13 @@ class ConvergenceDoctor(Callback):
         lr_text = f"{lrs[0]:g}" if len(lrs) == 1 else (str(lrs) if lrs else "the learning rate")
         action = ""
         if self.stop_on_divergence:
-            action = (f" Training was stopped and the weights of step {restored} (the last healthy epoch "
-                      "boundary) restored, so the checkpoints hold finite weights." if restored is not None
-                      else " Training was stopped.")
+            if restored is None:
+                action = " Training was stopped."
+            else:
+                which = ("the initial weights" if restored == 0 else
+                         f"the weights of step {restored} (the last healthy epoch boundary)")
+                action = (f" Training was stopped and {which} restored, so checkpoints written from now on hold "
+                          "finite weights.")
         step = int(trainer.global_step) if step is None else step
         self._add(trainer, "divergence", step=step, evidence=evidence, message=(
             f"Training diverged at step {step}: {reason}.{action} "
@@ -923,33 +1154,54 @@ class ConvergenceDoctor(Callback):
             "and check the inputs for extreme values."))
 
     # ---------------------------------------------------------------------------- weights snapshots
+    def _state_tensors(self, pl_module: pl.LightningModule, fresh: bool = False) -> tuple[list[Tensor], int]:
+        """Parameters then buffers (what divergence must restore), and how many are parameters (cached)."""
+        if fresh or self._tensors is None:
+            params = list(pl_module.parameters())
+            self._tensors = (params + list(pl_module.buffers()), len(params))
+        return self._tensors
+
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, check: bool = True) -> None:
+        """Copy the weights to CPU if they are finite (and measure how far they moved since the last copy)."""
         step = int(trainer.global_step)
         if self._snapshot_step == step and self._snapshot is not None:
             return
-        params = [p.detach() for p in pl_module.parameters() if p.is_floating_point()]
+        tensors, n_params = self._state_tensors(pl_module)
+        params = [p.detach() for p in tensors[:n_params] if p.is_floating_point()]
         if check and params:
-            norms = torch.stack([n.float() for n in torch._foreach_norm(params)])
-            if not bool(torch.isfinite(norms).all()):
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all()):
                 return
-        state = pl_module.state_dict()
-        new = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if isinstance(v, Tensor)}
-        if self._snapshot is not None:
-            names = [n for n, p in pl_module.named_parameters() if p.is_floating_point() and n in new
-                     and n in self._snapshot and self._snapshot[n].shape == new[n].shape]
-            old = [self._snapshot[n] for n in names]
-            cur = [new[n] for n in names]
-            if old:
-                delta = torch.stack(torch._foreach_norm(torch._foreach_sub(cur, old))).norm()
-                base = torch.stack(torch._foreach_norm(old)).norm()
+        old = self._snapshot
+        reuse = (old is not None and not self._measure_change and len(old) == len(tensors)
+                 and all(o.shape == t.shape and o.dtype == t.dtype for o, t in zip(old, tensors)))
+        if reuse:  # the common case: one copy into the buffers of the previous snapshot
+            assert old is not None
+            with torch.no_grad():
+                torch._foreach_copy_(old, [t.detach() for t in tensors])
+            self._snapshot_step = step
+            return
+        new = [t.detach().to("cpu", copy=True) for t in tensors]
+        if self._measure_change and old is not None and len(old) == len(new):
+            self._measure_change = False
+            pairs = [(n, o) for n, o in zip(new[:n_params], old[:n_params])
+                     if n.is_floating_point() and n.shape == o.shape]
+            if pairs:
+                cur, prev = [n for n, _ in pairs], [o for _, o in pairs]
+                delta = torch.stack(torch._foreach_norm(torch._foreach_sub(cur, prev))).norm()
+                base = torch.stack(torch._foreach_norm(prev)).norm()
                 self._weight_change = float(delta / base.clamp_min(1e-12))
         self._snapshot = new
         self._snapshot_step = step
 
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
-        if self._snapshot is None:
+        """Put the last healthy weights back and clear the optimisers' (possibly NaN) state."""
+        tensors, _ = self._state_tensors(pl_module, fresh=True)
+        if self._snapshot is None or len(self._snapshot) != len(tensors):
             return None
-        pl_module.load_state_dict(self._snapshot, strict=False)
+        with torch.no_grad():
+            for target, saved in zip(tensors, self._snapshot):
+                if target.shape == saved.shape:
+                    target.copy_(saved)
         for opt in trainer.optimizers:
             opt.state.clear()
         return self._snapshot_step
@@ -957,122 +1209,161 @@ class ConvergenceDoctor(Callback):
     def _epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before checkpoints are written: read the last step's values, then keep the weights if healthy."""
         self._watch(trainer, pl_module, self._reader.flush())
-        if self.keep_last_good and not (self._stopped or self._has("divergence")):
+        if self.keep_last_good and not self._stopped:
             self._take_snapshot(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------ validation
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
-        self._val_acc = None
+        self._val_chunks.take()
+        self._val_stats = None
         if not trainer.sanity_checking:
             self._epoch_boundary(trainer, pl_module)
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
         self._last_batch = ("val", batch)
         if "val" not in self._checked_first:
             self._checked_first.add("val")
-            self._check_batch(trainer, pl_module, batch, "val")
+            self._safely("the first validation batch's checks", self._check_batch, trainer, pl_module, batch, "val")
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self._fitting(trainer) or trainer.sanity_checking:
+        if not self._active or trainer.sanity_checking:
             return
         logits, target, _ = self._outputs(outputs)
-        if logits is None or target is None:
+        if logits is not None and target is not None and self._val_chunks.add(logits, target):
+            self._reduce_val_chunks()
+
+    def _reduce_val_chunks(self) -> None:
+        items = self._val_chunks.take()
+        stats = self._safely("the validation statistics", self._eval_stats, items) if items else None
+        if stats is None:
             return
-        stats = self._eval_stats(pl_module, logits, target)
-        if self._val_acc is None or self._val_acc.shape != stats.shape:
-            self._val_acc = stats
+        if self._val_stats is None or self._val_stats.shape != stats.shape:
+            self._val_stats = stats
         else:
-            self._val_acc = self._val_acc + stats
+            self._val_stats = self._val_stats + stats
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._fitting(trainer) or trainer.sanity_checking:
+        if not self._active or trainer.sanity_checking or self._num_classes is None:
             return
-        c = self._num_classes
-        if c is None:
-            return
-        device, dtype = self._device or pl_module.device, self._dtype
-        size = 4 + 3 * _N_BINS + 3 * c
-        val = self._val_acc if self._val_acc is not None and self._val_acc.numel() == size else \
-            torch.zeros(size, device=device, dtype=dtype)
-        train = self._train_acc[:2] if self._train_acc is not None else torch.zeros(2, device=device, dtype=dtype)
-        counts = (self._train_counts if self._train_counts is not None and self._train_counts.numel() == c
-                  else torch.zeros(c, device=device, dtype=dtype))
-        packed = trainer.strategy.reduce(torch.cat([val.to(device, dtype), train.to(device, dtype),
-                                                    counts.to(device, dtype)]).clone(), reduce_op="sum")
-        values = packed.double().cpu()
-        val, train, counts = values[:size], values[size:size + 2], values[size + 2:]
-        self._val_acc = None
-        n = float(val[1])
+        # Stashed, not reduced: the training epoch's end reduces everything with one collective.
+        self._reduce_val_chunks()
+        size = 4 + 3 * _N_BINS + 3 * self._num_classes
+        stats = self._val_stats if self._val_stats is not None and self._val_stats.numel() == size else None
+        self._val_pending.append((int(trainer.current_epoch), int(trainer.global_step), stats))
+        self._val_stats = None
+
+    def _judge_validation(self, trainer: pl.Trainer, epoch: int, step: int, val: list[float],
+                          train_nll: float, train_counts: list[float]) -> None:
+        c = self._num_classes or 0
+        n = val[1]
         if n <= 0:
             return
-        bins = val[4:4 + 3 * _N_BINS].reshape(3, _N_BINS)
-        ece = float((bins[1] - bins[2]).abs().sum() / n)
-        ece_over = float((bins[1] - bins[2]).clamp_min(0).sum() / n)
-        tp, pred, tgt = val[4 + 3 * _N_BINS:].reshape(3, c)
+        k = _N_BINS
+        count, conf, correct = val[4:4 + k], val[4 + k:4 + 2 * k], val[4 + 2 * k:4 + 3 * k]
+        rest = val[4 + 3 * k:]
+        tp, pred, tgt = rest[:c], rest[c:2 * c], rest[2 * c:3 * c]
         record = {
-            "epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
-            "val_nll": float(val[0]) / n, "val_acc": float(val[2]) / n, "val_conf": float(val[3]) / n,
-            "val_ece": ece, "val_ece_over": ece_over, "train_nll": float(train[0] / train[1]) if train[1] > 0 else float("nan"),
+            "epoch": epoch, "step": step, "val_nll": val[0] / n, "val_acc": val[2] / n, "val_conf": val[3] / n,
+            "val_ece": sum(abs(a - b) for a, b in zip(conf, correct)) / n,
+            "val_ece_over": sum(max(a - b, 0.0) for a, b in zip(conf, correct)) / n,
+            "train_nll": train_nll,
         }
         self._val_history.append(record)
-        train_counts = self._dm_counts if self._dm_counts is not None else counts
         self._judge_collapse(trainer, tp, pred, tgt, train_counts, stage="val")
         self._judge_overconfidence(trainer)
 
     # --------------------------------------------------------------------------------- epoch end (train)
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._fitting(trainer):
+        if not self._active:
             return
         self._epoch_boundary(trainer, pl_module)
+        self._reduce_train_chunks()
         device, dtype = self._device or pl_module.device, self._dtype
-        acc = self._train_acc if self._train_acc is not None else torch.zeros(8, device=device, dtype=dtype)
-        gmax = self._train_gn if self._train_gn is not None else torch.zeros((), device=device, dtype=dtype)
         c = self._num_classes or 0
-        counts = (self._train_counts if self._train_counts is not None and self._train_counts.numel() == c
-                  else torch.zeros(c, device=device, dtype=dtype))
-        # One collective per epoch, on every rank. Gradient norms are identical on all ranks under DDP.
-        packed = trainer.strategy.reduce(torch.cat([acc.to(device, dtype), counts.to(device, dtype)]).clone(),
-                                         reduce_op="sum")
-        values = packed.double().cpu().tolist()
+        stats = self._train_stats if self._train_stats is not None and self._train_stats.numel() == 4 + c else \
+            torch.zeros(4 + c, device=device, dtype=dtype)
+        pending, self._val_pending = self._val_pending, []
+        vsize = 4 + 3 * _N_BINS + 3 * c
+        vals = [v if v is not None else torch.zeros(vsize, device=device, dtype=dtype) for _, _, v in pending]
+        if self._single:
+            values = [float(v) for v in self._train_rows] + stats.tolist() + [x for v in vals for x in v.tolist()]
+        else:
+            # One collective per epoch, on every rank (gradient norms are identical on every rank under DDP).
+            sizes = torch.tensor(self._train_rows, dtype=dtype).to(device, non_blocking=True)
+            packed = trainer.strategy.reduce(torch.cat([sizes, stats.to(device, dtype), *vals]), reduce_op="sum")
+            values = packed.double().cpu().tolist()
         world = max(int(trainer.world_size), 1)
-        nll_sum, n_valid, maxprob_sum, n_rows, all_ignored, batches, gn_sum, gn_count = values[:8]
+        n_rows, batches, nll_sum, n_valid, maxprob_sum, all_ignored = values[:6]
+        counts = values[6:6 + c]
+        val_values = values[6 + c:]
+        # (per-step values read on the host: gradient norms are the same on every rank, the loss is this rank's)
+        gn_sum, gn_count, gn_max = self._epoch_grad
+        loss_sum, loss_count = self._epoch_loss
+        self._train_stats = None
+        self._train_rows = [0, 0]
         self._epochs_seen += 1
         record = {
             "epoch": int(trainer.current_epoch),
             "train_nll": nll_sum / n_valid if n_valid > 0 else float("nan"),
+            "train_loss": loss_sum / loss_count if loss_count > 0 else float("nan"),
             "max_prob": maxprob_sum / n_rows if n_rows > 0 else float("nan"),
             "grad_norm": gn_sum / gn_count if gn_count > 0 else float("nan"),
-            "grad_norm_max": float(gmax) if gn_count > 0 else float("nan"),
+            "grad_norm_max": gn_max if gn_count > 0 else float("nan"),
         }
         if self._weight_change is not None:
             record["weight_change"] = self._weight_change
             self._weight_change = None
         self._train_history.append(record)
-        if self._epochs_seen == 1 and self._dm_counts is None and c:
-            self._judge_unseen(trainer, torch.tensor(values[8:8 + c]), c, source="the first epoch's targets")
+        if c:
+            self._train_counts = counts if self._train_counts is None else [a + b for a, b in
+                                                                            zip(self._train_counts, counts)]
+            if self._epochs_seen == 1 and self._dm_counts is None:
+                self._judge_unseen(trainer, torch.tensor(counts, dtype=torch.float64), c,
+                                   source="the first epoch's targets")
+            train_counts = self._dm_counts.tolist() if self._dm_counts is not None else self._train_counts
+            for i, (epoch, step, _) in enumerate(pending):
+                self._judge_validation(trainer, epoch, step, val_values[i * vsize:(i + 1) * vsize],
+                                       record["train_nll"], train_counts)
         if all_ignored > 0:
             self._add(trainer, "all_ignored_batch", evidence=_evidence(
                 batches_all_ignored=int(all_ignored), batches=int(batches), epoch=int(trainer.current_epoch),
-                labelled_fraction=n_valid / max(n_rows, 1), ignore_index=self._resolve_ignore_index(pl_module)),
+                labelled_fraction=n_valid / max(n_rows, 1), ignore_index=self._ignore),
                 message=(
                 f"{int(all_ignored)} of {int(batches)} training batches (summed over {world} rank(s)) had every "
-                f"target equal to the ignore_index ({self._resolve_ignore_index(pl_module)}): they carry no "
-                "gradient (xentlit's loss is 0 for them, a plain mean is NaN) yet still move momentum-based "
-                f"optimisers. Only {100 * n_valid / max(n_rows, 1):.3g}% of the training targets are labelled. "
-                "Fix: drop unlabeled rows from the training loader (or sample them with labelled ones), use "
-                "larger batches, and check that ignore_index matches how the data marks unlabeled rows."))
+                f"target equal to the ignore_index ({self._ignore}): they carry no gradient (xentlit's loss is 0 "
+                "for them, a plain mean is NaN) yet still move momentum-based optimisers. Only "
+                f"{100 * n_valid / max(n_rows, 1):.3g}% of the training targets are labelled. Fix: drop unlabeled "
+                "rows from the training loader (or sample them with labelled ones), use larger batches, and check "
+                "that ignore_index matches how the data marks unlabeled rows."))
         if self.log_metrics:
+            metrics = {}
             if gn_count > 0:
-                pl_module.log("doctor/grad_norm", record["grad_norm"], on_step=False, on_epoch=True)
+                metrics["doctor/grad_norm"] = record["grad_norm"]
             if n_rows > 0:
-                pl_module.log("doctor/max_prob", record["max_prob"], on_step=False, on_epoch=True)
+                metrics["doctor/max_prob"] = record["max_prob"]
+            self._log(trainer, metrics)
         self._judge_lr_too_low(trainer)
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Epoch values (already reduced over ranks) straight to the trainer's loggers (rank 0).
+
+        Not through ``LightningModule.log``, which costs about a millisecond per key and epoch (it rebuilds its
+        result objects every epoch): too much for a callback that stays on. The values are also in
+        :attr:`ConvergenceDoctor.history`.
+        """
+        if not metrics:
+            return
+        if trainer.is_global_zero:
+            metrics = {**metrics, "epoch": float(trainer.current_epoch)}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- judges
     def _judge_lr_too_low(self, trainer: pl.Trainer) -> None:
@@ -1080,20 +1371,32 @@ class ConvergenceDoctor(Callback):
         hist = self._train_history
         if len(hist) < w or self._has("lr_too_low", "softmax_before_loss", "divergence") or self._stopped:
             return
-        recent = [h["train_nll"] for h in hist[-w:]]
+        key, initial = "train_nll", self._initial_nll
+        if not all(math.isfinite(h["train_nll"]) for h in hist[-w:]):  # no logits: the module's own loss
+            key, initial = "train_loss", self._module_loss0 if self._module_loss0 is not None else self._last_loss
+        recent = [h[key] for h in hist[-w:]]
         if not all(math.isfinite(v) for v in recent):
             return
-        initial = self._initial_nll if self._initial_nll is not None else hist[0]["train_nll"]
+        if initial is None or not math.isfinite(initial):
+            initial = hist[0][key]
         mean = sum(recent) / w
         flat = (max(recent) - min(recent)) <= 0.01 * mean
         stuck = recent[-1] >= 0.9 * initial
-        grads = [h["grad_norm"] for h in hist[-w:]]
-        healthy = all(math.isfinite(g) and g > 1e-6 for g in grads) and (
+        grads = [h["grad_norm"] for h in hist[-w:] if not math.isnan(h["grad_norm"])]
+        healthy = bool(grads) and all(math.isfinite(g) and g > 1e-6 for g in grads) and (
             self._grad_reference is None or min(grads) > 1e-3 * self._grad_reference)
-        changes = [h.get("weight_change") for h in hist[-w:]]
-        changes = [c for c in changes if c is not None]
-        small_updates = (max(changes) < 1e-3) if changes else True
-        if flat and stuck and healthy and small_updates:
+        if not (flat and stuck and healthy):
+            return
+        changes: list[float] = []
+        if self.keep_last_good:
+            # Distinguish "too low" from "no signal / too high": how far did the weights move in an epoch?
+            # Measured (one CPU difference of two snapshots) only once the loss looks stuck.
+            change = hist[-1].get("weight_change")
+            if change is None:
+                self._measure_change = True
+                return
+            changes = [change]
+        if not changes or max(changes) < 1e-3:
             lrs = sorted({float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups if "lr" in g})
             lr_text = ", ".join(f"{v:g}" for v in lrs) or "?"
             self._add(trainer, "lr_too_low", evidence=_evidence(
@@ -1107,38 +1410,35 @@ class ConvergenceDoctor(Callback):
                 "Adam/AdamW, 0.01-0.1 for SGD with momentum), or run a learning-rate range test "
                 "(lightning.pytorch.tuner.Tuner(trainer).lr_find(model))."))
 
-    def _judge_collapse(self, trainer: pl.Trainer, tp: Tensor, pred: Tensor, tgt: Tensor, train_counts: Tensor,
-                        stage: str) -> None:
+    def _judge_collapse(self, trainer: pl.Trainer, tp: list[float], pred: list[float], tgt: list[float],
+                        train_counts: list[float], stage: str) -> None:
+        """Predictions concentrated on the training majority class while macro-F1 stays at chance level."""
         if self._has("majority_collapse"):
             return
-        n = float(tgt.sum())
-        c = int(tgt.numel())
-        tc = train_counts.double().flatten()[:c]
-        if n <= 0 or tc.numel() < c or tc.sum() <= 0:
-            self._collapse_streak = 0
+        c, n = len(tgt), sum(tgt)
+        tc = (list(train_counts) + [0.0] * c)[:c]
+        if n <= 0 or len(tc) < c or sum(tc) <= 0:
+            self._collapse_streak, self._last_collapse = 0, None
             return
-        nonzero = tc[tc > 0]
-        imbalance = float(tc.max() / nonzero.min()) if nonzero.numel() else 1.0
-        share = pred / n
-        prior = tgt / n
-        top = int(share.argmax())
-        f1 = torch.where(tgt + pred > 0, 2 * tp / (tgt + pred).clamp_min(1e-12), torch.zeros_like(tp))
-        present = (tgt > 0) | (pred > 0)
-        macro_f1 = float(f1[present].mean()) if present.any() else 0.0
-        chance = torch.where(prior + share > 0, 2 * prior * share / (prior + share).clamp_min(1e-12),
-                             torch.zeros_like(prior))
-        chance_f1 = float(chance[present].mean()) if present.any() else 0.0
-        collapsed = (imbalance >= 3.0 and top == int(tc.argmax()) and float(share[top]) >= 0.5
-                     and float(share[top]) >= 1.5 * float(prior[top]) and macro_f1 <= chance_f1 + 0.05)
+        nonzero = [v for v in tc if v > 0]
+        imbalance = max(tc) / min(nonzero)
+        share = [v / n for v in pred]
+        prior = [v / n for v in tgt]
+        top = max(range(c), key=share.__getitem__)
+        present = [i for i in range(c) if tgt[i] > 0 or pred[i] > 0]
+        macro_f1 = sum(2 * tp[i] / (tgt[i] + pred[i]) for i in present) / max(len(present), 1)
+        # macro-F1 of predictions drawn independently of the truth with the same class frequencies
+        chance_f1 = sum(2 * prior[i] * share[i] / (prior[i] + share[i]) for i in present) / max(len(present), 1)
+        collapsed = (imbalance >= 3.0 and top == max(range(c), key=tc.__getitem__) and share[top] >= 0.5
+                     and share[top] >= 1.5 * prior[top] and macro_f1 <= chance_f1 + 0.05)
         if not collapsed:
-            self._collapse_streak = 0
-            self._last_collapse = None
+            self._collapse_streak, self._last_collapse = 0, None
             return
         self._collapse_streak += 1
         self._last_collapse = dict(
-            majority_class=top, predicted_share=float(share[top]), true_share=float(prior[top]),
-            macro_f1=macro_f1, chance_macro_f1=chance_f1, train_imbalance_ratio=imbalance,
-            train_majority_share=float(tc[top] / tc.sum()), consecutive_epochs=self._collapse_streak)
+            majority_class=top, predicted_share=share[top], true_share=prior[top], macro_f1=macro_f1,
+            chance_macro_f1=chance_f1, train_imbalance_ratio=imbalance, train_majority_share=tc[top] / sum(tc),
+            consecutive_epochs=self._collapse_streak)
         if self._collapse_streak >= self.window:
             self._report_collapse(trainer, stage)
 
@@ -1204,15 +1504,15 @@ class ConvergenceDoctor(Callback):
             if not isinstance(exception, KeyboardInterrupt) and self._last_batch is not None:
                 stage, batch = self._last_batch
                 self._checked_first.add(stage)
-                before = len(self.findings)
-                self._check_batch(trainer, pl_module, batch, stage)
-                explained = any(f.code in ("non_finite_inputs", "target_out_of_range", "float_class_indices",
-                                           "integer_one_hot_targets") for f in self.findings[before:])
+                shown = self._check_batch(trainer, pl_module, batch, stage)
+                explained = any(code in ("non_finite_inputs", "target_out_of_range", "float_class_indices",
+                                         "integer_one_hot_targets") for code in shown)
                 if not explained and _DIVERGENCE_TEXT.search(str(exception)) and not self._has("divergence"):
+                    step = self._batch_step if stage == "train" else int(trainer.global_step)
                     self._diverged(trainer, pl_module, f"{type(exception).__name__}: {exception}",
-                                   _evidence(at_step=int(trainer.global_step),
-                                             last_finite_train_loss=self._last_train_nll or "n/a"),
-                                   exception=exception)
+                                   _evidence(at_step=step, last_finite_train_loss="n/a" if self._last_loss is None
+                                             else self._last_loss),
+                                   exception=exception, step=step)
         except Exception as err:  # diagnosing must never hide the original error
             log.debug("ConvergenceDoctor could not analyse the exception: %s", err)
         self._finish(trainer, exception=exception)

@@ -21,7 +21,7 @@ from lightning.pytorch import callbacks as pl_callbacks
 from lightning.pytorch import loggers as pl_loggers
 from omegaconf import MISSING, OmegaConf
 
-from xentlit import data, losses, module, nets, plots
+from xentlit import callbacks, data, losses, module, nets, plots
 from xentlit import loggers as xentlit_loggers
 
 
@@ -170,6 +170,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "tqdm_progress_bar": schema(pl_callbacks.TQDMProgressBar),
         "lr_monitor": schema(pl_callbacks.LearningRateMonitor),
         "plots": schema(plots.PlotCallback),
+        "doctor": schema(callbacks.ConvergenceDoctor),
     },
 }
 
