@@ -204,3 +204,19 @@ def test_steps_per_execution_equals_one_optimiser_step_per_lightning_step(normal
     for a, b in zip(one.net.parameters(), four.net.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert t1.callback_metrics["train/loss"].item() == pytest.approx(t4.callback_metrics["train/loss"].item(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_to_the_same_numbers():
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+    def fit(compile_net: bool) -> XentModule:
+        torch.manual_seed(0)
+        module = XentModule(MLP(6, 3, hidden_sizes=[16]), compile=compile_net)
+        _trainer(max_epochs=2, limit_val_batches=0).fit(module, train_dataloaders=_loader(x, y, batch_size=16))
+        return module
+
+    eager, compiled = fit(False), fit(True)
+    assert "_orig_mod" not in "".join(compiled.state_dict())  # checkpoints keep plain keys
+    for a, b in zip(eager.net.parameters(), compiled.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
