@@ -463,6 +463,43 @@ def test_bad_forward_inputs(logits, target, kwargs, match):
             GenericCE(**kwargs)(logits, target)
 
 
+@pytest.mark.parametrize("sanitise", [False, True], ids=["cpu-kernels-check", "sanitised-as-off-cpu"])
+@pytest.mark.parametrize("loss_cls", [CrossEntropyLoss, GenericCE])
+def test_bad_class_indices_both_validation_paths(monkeypatch, sanitise, loss_cls):
+    """On the CPU the kernels' own index errors are reworded; elsewhere targets are sanitised and checked in
+    the sync. Forcing the second path on the CPU checks it gives the same errors and the same numbers."""
+    if sanitise:
+        monkeypatch.setattr(CrossEntropyLoss, "_index_checking_devices", ())
+    logits, target = make_inputs(False, False, True)
+    for kwargs in ({}, dict(class_weights=WEIGHTS, label_smoothing=0.1)):
+        loss = loss_cls(**kwargs)
+        for bad in (torch.tensor([0, 7, IGNORE, 1, 2, 3, 4]), torch.tensor([0, -3, IGNORE, 1, 2, 3, 4])):
+            with pytest.raises(ValueError, match=r"1 class indices outside \[0, 5\).*value (7|-3)"):
+                loss(logits, bad)
+        ref = F.cross_entropy(logits, target, weight=None if not kwargs else torch.tensor(WEIGHTS).double(),
+                              label_smoothing=kwargs.get("label_smoothing", 0.0))
+        torch.testing.assert_close(loss(logits, target), ref, **TOL64)
+
+
+def test_weights_are_checked_again_whenever_they_change_and_the_loss_still_pickles():
+    import copy
+    import pickle
+
+    loss = CrossEntropyLoss([1.0, 1.0, 1.0])
+    logits, target = torch.randn(2, 3), torch.tensor([0, 1])
+    loss(logits, target)  # checked once, then remembered
+    assert loss._weight_known_good(loss.weight)
+    loss.weight.mul_(-1.0)  # in place: the version counter moves
+    with pytest.raises(ValueError, match=r"-1\.0 for class 0"):
+        loss(logits, target)
+    loss.weight = torch.tensor([2.0, 1.0, 1.0])
+    assert not loss._weight_known_good(loss.weight)
+    expected = F.cross_entropy(logits, target, weight=torch.tensor([2.0, 1.0, 1.0]))
+    torch.testing.assert_close(loss(logits, target), expected)
+    for clone in (copy.deepcopy(loss), pickle.loads(pickle.dumps(loss))):
+        torch.testing.assert_close(clone(logits, target), expected)
+
+
 def test_bad_weights_reaching_forward_are_caught():
     loss = CrossEntropyLoss([1.0, 1.0, 1.0])
     loss.weight = torch.tensor([1.0, -1.0, 1.0])  # e.g. a tampered checkpoint

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -178,7 +179,9 @@ def _check_number(
     naming the knob, the value and the allowed range."""
     left = "-inf" if low is None else f"{low:g}"
     right = "inf" if high is None else f"{high:g}"
-    interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+    opening = "(" if low_open or low is None else "["
+    closing = ")" if high_open or high is None else "]"
+    interval = f"{opening}{left}, {right}{closing}"
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     try:
@@ -243,24 +246,31 @@ class _RowTerms(torch.autograd.Function):
     ``p = softmax(log p)`` (the cheapest way to p on CPU; log p is already normalised), the
     derivative being ``d value / d log p``. Fusing them saves autograd's intermediates, which
     roughly halves the cost of these paths. The optional ``index``/``scale`` add the
-    class-index cross-entropy term ``-scale * log p_y`` to the same backward pass. No gradient
-    flows to the targets (or weights) captured by ``value``/``derivative``; differentiable
-    once (no double backward).
+    class-index cross-entropy term ``-scale * log p_y`` to the same backward pass.
+
+    ``source`` is what the gradient is returned for: ``log p`` itself, or the logits whose
+    log_softmax ``log p`` is (``project=True``); then the backward applies log_softmax's
+    Jacobian itself, ``g_x = g - p sum(g)``, with the p saved in the forward, and log_softmax's
+    own backward (another pass of exponentials) never runs. No gradient flows to the targets
+    or weights captured by ``value``/``derivative``; differentiable once (no double backward).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
+        source: Tensor,
         log_probs: Tensor,
         value: Any,
         derivative: Any,
-        index: Tensor | None = None,
-        scale: Tensor | float = 1.0,
-        row_coef: Tensor | float = 1.0,
+        index: Tensor | None,
+        scale: Tensor | float,
+        row_coef: Tensor | float,
+        project: bool,
     ) -> Tensor:
         p = F.softmax(log_probs, dim=1)
         ctx.save_for_backward(log_probs, p)
-        ctx.derivative, ctx.index, ctx.scale, ctx.row_coef = derivative, index, scale, row_coef
+        ctx.derivative, ctx.index, ctx.scale = derivative, index, scale
+        ctx.row_coef, ctx.project = row_coef, project
         rows = value(log_probs, p).sum(dim=1)
         if not isinstance(row_coef, float) or row_coef != 1.0:
             rows = rows * row_coef
@@ -275,7 +285,9 @@ class _RowTerms(torch.autograd.Function):
         d = ctx.derivative(log_probs, p).mul_((grad * ctx.row_coef).unsqueeze(1))
         if ctx.index is not None:
             d.scatter_add_(1, ctx.index.unsqueeze(1), (-ctx.scale * grad).unsqueeze(1))
-        return d, None, None, None, None, None
+        if ctx.project:
+            d.addcmul_(p, d.sum(dim=1, keepdim=True), value=-1.0)
+        return (d, *(None,) * 7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,12 +345,19 @@ class CrossEntropyLoss(nn.Module):
     """
 
     weight: Tensor | None
+    # (log_softmax output, its input) during a generic-path call, for `_row_terms`.
+    _softmax_input: tuple[Tensor, Tensor] | None = None
+    # (weak reference, version) of the weights that last passed validation.
+    _checked_weight: tuple[Any, int] | None = None
     # False for losses that are defined for class indices only: probability targets and label
     # smoothing (which turns indices into probabilities) are then rejected with a ValueError.
     supports_soft_targets: ClassVar[bool] = True
     # Small per-class buffers that module dtype casts leave alone and that a checkpoint may
     # resize (they are empty placeholders until set_class_counts); subclasses add theirs.
     _class_buffers: ClassVar[tuple[str, ...]] = ("weight",)
+    # Devices whose kernels reject out-of-range class indices synchronously with an exception,
+    # so validation need not sanitise the targets before the loss kernels (see `_compute`).
+    _index_checking_devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     def __init__(
         self,
@@ -441,7 +460,11 @@ class CrossEntropyLoss(nn.Module):
         for name in self._class_buffers:
             incoming = state_dict.get(prefix + name)
             current = getattr(self, name)
-            if isinstance(incoming, Tensor) and current is not None and incoming.shape != current.shape:
+            if (
+                isinstance(incoming, Tensor)
+                and current is not None
+                and incoming.shape != current.shape
+            ):
                 dtype = incoming.dtype if incoming.is_floating_point() else current.dtype
                 setattr(self, name, torch.empty(incoming.shape, dtype=dtype, device=current.device))
         super()._load_from_state_dict(
@@ -512,14 +535,20 @@ class CrossEntropyLoss(nn.Module):
 
     def _compute(
         self, logits: Tensor, target: Tensor, reduction: str, need_denominator: bool
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, float | None]:
         """Validate (if enabled), cast, and compute the "sum"/"none" loss and the denominator.
+
+        Returns ``(loss, denominator, denominator value)``; the value (a Python float) is read
+        in validation's host sync when a denominator is needed, and is None without validation.
 
         Casts: logits to the compute dtype (float32, or float64 for float64 logits), indices to
         long, probabilities to the compute dtype, weights to the logits' device and dtype.
         Validation reads all its data checks with one host sync, after the loss kernels have
-        run on sanitised targets (out-of-range indices replaced by ignore_index, so no kernel
-        can hit a device-side assert); on failure the computed loss is discarded.
+        run; on failure the computed loss is discarded. Off the CPU, class indices are first
+        sanitised (out-of-range ones replaced by ignore_index, so no kernel can hit a
+        device-side assert) and range-checked in that sync; CPU kernels check indices
+        themselves, synchronously, so there their error is caught and reworded instead, which
+        saves the sanitising pass. Every other check folds into one scalar (NaN on failure).
         """
         weight = self._resolve_weight()
         if (
@@ -540,29 +569,66 @@ class CrossEntropyLoss(nn.Module):
         valid = None if t.is_floating_point() else t != self.ignore_index
         if not self.validate:
             loss = self._loss(x, t, w, reduction)
-            return loss, (self._denominator(x, t, w, valid) if need_denominator else None)
+            denominator = self._denominator(x, t, w, valid) if need_denominator else None
+            return loss, denominator, None
 
-        flags: list[Tensor] = []
+        checks: list[Tensor] = []  # boolean scalars, True where a check failed
+        t_safe = t
         if valid is None:
             tol = max(SOFT_TARGET_TOLERANCE, torch.finfo(target.dtype).eps)
-            flags.append((t < 0).any())
-            flags.append(~((t.sum(dim=1) - 1.0).abs() <= tol).all())  # NaN rows count as bad
-            t_safe = t
-        else:
+            if t.numel():
+                checks.append(t.amin() < 0)  # a reduction: no (N, C) temporary
+            checks.append(~((t.sum(dim=1) - 1.0).abs() <= tol).all())  # NaN rows count as bad
+        elif x.device.type not in self._index_checking_devices:
             bad_target = valid & (t.clamp(0, x.shape[1] - 1) != t)
-            flags.append(bad_target.any())
+            checks.append(bad_target.any())
             t_safe = torch.where(bad_target, self.ignore_index, t)
             valid = valid ^ bad_target  # (bad targets are a subset of the valid ones)
-        if w is not None:
-            flags.append(~(torch.isfinite(w).all() & (w >= 0).all() & (w.sum() > 0)))
-        loss = self._loss(x, t_safe, w, reduction)
-        denominator = self._denominator(x, t_safe, w, valid) if need_denominator else None
+        check_weight = w is not None and not self._weight_known_good(weight)
+        if check_weight:
+            assert w is not None
+            checks.append(~(torch.isfinite(w).all() & (w >= 0).all() & (w.sum() > 0)))
+        try:
+            loss = self._loss(x, t_safe, w, reduction)
+            denominator = self._denominator(x, t_safe, w, valid) if need_denominator else None
+        except (IndexError, RuntimeError):
+            if valid is not None and t_safe is t:  # a CPU kernel met a bad class index
+                self._check_class_indices(t, x.shape[1])
+            raise
         # Non-finite logits show up in the loss (NaN/+inf anywhere in a non-ignored row, -inf
         # where it enters the loss) without a second pass over the logits.
-        flags.append(~torch.isfinite(loss.detach() if loss.dim() == 0 else loss.detach().sum()))
-        if any(torch.stack(flags).tolist()):  # the single host sync
+        status = loss.detach() if loss.dim() == 0 else loss.detach().sum()
+        for failed in checks:
+            status = torch.where(failed, math.nan, status)
+        if denominator is None:
+            status_value, denominator_value = status.item(), None  # the single host sync
+        else:  # the single host sync, which also reads the denominator for the mean
+            status_value, denominator_value = torch.stack(
+                [status, denominator.to(status.dtype)]
+            ).tolist()
+        if not math.isfinite(status_value):
             self._raise_value_error(x, t, w, target.dtype, loss)
-        return loss, denominator
+        if check_weight:  # passed: skip the check until the weights change
+            self._checked_weight = (weakref.ref(weight), weight._version)
+        return loss, denominator, denominator_value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling and deepcopy leave out the per-call caches (a weak reference cannot be pickled).
+        state = self.__dict__.copy()
+        state.pop("_checked_weight", None)
+        state.pop("_softmax_input", None)
+        return state
+
+    def _weight_known_good(self, weight: Tensor | None) -> bool:
+        """Whether these very weights (same tensor, unmodified since: its version counter) have
+        passed validation before, so their check can be skipped."""
+        checked = self._checked_weight
+        return (
+            weight is not None
+            and checked is not None
+            and checked[0]() is weight
+            and checked[1] == weight._version
+        )
 
     def _loss(self, x: Tensor, t: Tensor, w: Tensor | None, reduction: str) -> Tensor:
         """Loss with reduction "sum" or "none" (the mean is built from sum and denominator)."""
@@ -591,6 +657,21 @@ class CrossEntropyLoss(nn.Module):
         """log_softmax + `per_sample_loss` (+ z-loss), with smoothing and ignore handled here.
         ``adjusted`` is ``x`` plus the `logit_offset` (or ``x`` itself)."""
         log_probs = F.log_softmax(adjusted, dim=1)
+        self._softmax_input = (log_probs, adjusted)
+        try:
+            return self._generic_terms(x, adjusted, log_probs, t, w, reduction)
+        finally:
+            self._softmax_input = None
+
+    def _generic_terms(
+        self,
+        x: Tensor,
+        adjusted: Tensor,
+        log_probs: Tensor,
+        t: Tensor,
+        w: Tensor | None,
+        reduction: str,
+    ) -> Tensor:
         num_classes = x.shape[1]
         eps = self.label_smoothing
         if t.is_floating_point():
@@ -598,6 +679,13 @@ class CrossEntropyLoss(nn.Module):
             per = self.per_sample_loss(log_probs, soft, w)
         else:
             safe = torch.where(t != self.ignore_index, t, 0)
+            if eps == 0.0 and self.z_loss > 0.0 and adjusted is x and self._uses_fast_path():
+                # cross-entropy + z-loss: -log p_y and log Z = x_y - log p_y share one gather
+                log_p = log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
+                log_z = x.gather(1, safe.unsqueeze(1)).squeeze(1) - log_p
+                per = -log_p if w is None else -log_p * w.take(safe)
+                per = self._masked(per + self._z_rows(log_z, t, w), t)
+                return per.sum() if reduction == "sum" else per
             if eps == 0.0:
                 per = self.per_sample_loss(log_probs, safe, w)
             else:  # (1 - eps) * one_hot + eps / C, without materialising the one-hot
@@ -637,6 +725,26 @@ class CrossEntropyLoss(nn.Module):
             return z * _row_weight(t, w)
         return z * w.take(torch.where(t != self.ignore_index, t, 0))
 
+    def _row_terms(
+        self,
+        log_probs: Tensor,
+        value: Any,
+        derivative: Any,
+        index: Tensor | None = None,
+        scale: Tensor | float = 1.0,
+        row_coef: Tensor | float = 1.0,
+    ) -> Tensor:
+        """`_RowTerms` on ``log_probs``; when they are this call's log_softmax of the logits
+        (what `per_sample_loss` receives), its gradient goes straight to the logits."""
+        current = self._softmax_input
+        if current is not None and current[0] is log_probs and current[1].requires_grad:
+            source, project = current[1], True
+        else:
+            source, project = log_probs, False
+        return _RowTerms.apply(
+            source, log_probs.detach(), value, derivative, index, scale, row_coef, project
+        )
+
     def logit_offset(self, logits: Tensor) -> Tensor | None:
         """Extension point: a per-class offset (C,) added to the logits before the softmax of
         the loss (not of the z-loss, which always sees the raw logits), or None for none.
@@ -664,7 +772,7 @@ class CrossEntropyLoss(nn.Module):
         ``forward`` with reduction="mean" is ``loss_sum / denominator``; under data parallelism,
         summing each term over ranks and dividing gives the exact global mean.
         """
-        loss_sum, denominator = self._compute(logits, target, "sum", need_denominator=True)
+        loss_sum, denominator, _ = self._compute(logits, target, "sum", need_denominator=True)
         assert denominator is not None
         return loss_sum, denominator
 
@@ -672,9 +780,13 @@ class CrossEntropyLoss(nn.Module):
         """Loss of ``logits`` (N, C[, d1, ...]) against class indices or probabilities."""
         if self.reduction != "mean":
             return self._compute(logits, target, self.reduction, need_denominator=False)[0]
-        loss_sum, denominator = self._compute(logits, target, "sum", need_denominator=True)
+        loss_sum, denominator, value = self._compute(logits, target, "sum", need_denominator=True)
         assert denominator is not None
-        return _safe_mean(loss_sum, denominator)
+        if value is None:
+            return _safe_mean(loss_sum, denominator)
+        # The denominator was read in validation's sync: divide by the number (the same float,
+        # so the same result as dividing by the tensor), one graph node fewer.
+        return loss_sum / (value if value > 0 else math.inf)
 
     # ---- validation -----------------------------------------------------------------------
 
@@ -746,6 +858,18 @@ class CrossEntropyLoss(nn.Module):
                 f"have C={num_classes} classes (logits shape {_shape(logits)})"
             )
 
+    def _check_class_indices(self, t: Tensor, num_classes: int) -> None:
+        """Raise the ValueError for class indices outside [0, C) other than ignore_index."""
+        bad_target = (t != self.ignore_index) & ((t < 0) | (t >= num_classes))
+        if bool(bad_target.any()):
+            bad_values = t[bad_target]
+            raise ValueError(
+                f"target contains {bad_values.numel()} class indices outside [0, "
+                f"{num_classes}): smallest bad value {bad_values.min().item()}, largest bad "
+                f"value {bad_values.max().item()}; class indices must be in [0, C) with "
+                f"C={num_classes} (logits.shape[1]) or equal ignore_index={self.ignore_index}"
+            )
+
     def _raise_value_error(
         self, x: Tensor, t: Tensor, w: Tensor | None, target_dtype: torch.dtype, loss: Tensor
     ) -> None:
@@ -771,16 +895,7 @@ class CrossEntropyLoss(nn.Module):
                     f"worst row sum is {worst:.6g}"
                 )
         else:
-            bad_target = (t != self.ignore_index) & ((t < 0) | (t >= num_classes))
-            if bool(bad_target.any()):
-                bad_values = t[bad_target]
-                raise ValueError(
-                    f"target contains {bad_values.numel()} class indices outside [0, "
-                    f"{num_classes}): smallest bad value {bad_values.min().item()}, largest bad "
-                    f"value {bad_values.max().item()}; class indices must be in [0, C) with "
-                    f"C={num_classes} (logits.shape[1]) or equal ignore_index="
-                    f"{self.ignore_index}"
-                )
+            self._check_class_indices(t, num_classes)
         if w is not None:
             bad_w = ~torch.isfinite(w) | (w < 0)
             if bool(bad_w.any()):
@@ -898,10 +1013,13 @@ class FocalLoss(CrossEntropyLoss):
             `CrossEntropyLoss`.
 
     Probability targets (and label smoothing) use the elementwise form
-    ``-sum_c alpha_c t_c (1 - p_c)**gamma log p_c``, which is the paper's for one-hot ``t``.
-    Stable path: ``1 - p = -expm1(log p)`` (exact as p -> 1) clamped below at the smallest
-    normal number before the power, so ``(1 - p)**gamma`` with gamma < 1 has a finite gradient
-    when p_y rounds to 1; ``log p`` comes from log_softmax, finite when p_y underflows.
+    ``-sum_c alpha_c w_c t_c (1 - p_c)**gamma log p_c``, which is the paper's for one-hot ``t``
+    (computed by a fused, hand-differentiated function). alpha is stored as float32, like
+    class weights. Stable path: ``log p`` comes from log_softmax (finite where p_y underflows:
+    the row's loss is then ``-log p_y``, as for CE); ``1 - p_y = -expm1(log p_y)`` (exact as
+    p_y -> 1; the elementwise soft form uses ``1 - p``, whose absolute error is what matters
+    there) is clamped below at the smallest normal number before the power, so that
+    ``(1 - p)**gamma`` with gamma < 1 has a finite (zero) gradient where p rounds to 1.
     """
 
     alpha: Tensor | None
@@ -952,6 +1070,7 @@ class FocalLoss(CrossEntropyLoss):
         lower = u.pow(self.gamma - 1.0)
         return lower, lower * u
 
+
     def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
         alpha = self.alpha
         if alpha is not None:
@@ -972,14 +1091,18 @@ class FocalLoss(CrossEntropyLoss):
 
             # sum_c f_c u_c^g (-log p_c), u = 1 - p; d/d log p_c = f_c (g p_c log p_c u_c^(g-1)
             # - u_c^g). (1 - p, not -expm1: only the absolute error matters in these products.)
+            # The powers computed in the forward are kept for the backward (not modified).
+            kept: list[Tensor] = []
+
             def value(lp: Tensor, p: Tensor) -> Tensor:
-                return self._powers(1.0 - p)[1].mul_(lp).mul_(factor).neg_()
+                kept[:] = self._powers(1.0 - p)
+                return (kept[1] * lp).mul_(factor).neg_()
 
             def derivative(lp: Tensor, p: Tensor) -> Tensor:
-                lower, power = self._powers(1.0 - p)
-                return lower.mul_(p).mul_(lp).mul_(gamma).sub_(power).mul_(factor)
+                lower, power = kept
+                return (lower * p).mul_(lp).mul_(gamma).sub_(power).mul_(factor)
 
-            return _RowTerms.apply(log_probs, value, derivative)
+            return self._row_terms(log_probs, value, derivative)
         log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
         loss = -log_p
         if gamma != 0.0:
@@ -1004,8 +1127,10 @@ class ConfidencePenaltyLoss(CrossEntropyLoss):
     The entropy term of a row is multiplied by the row weight (``w[y]``, ``sum_c w_c t_c`` for
     probabilities), so under "mean" both terms are averaged with the same weights. Defined for
     probability targets (the CE part takes them; the entropy does not depend on the target).
-    Stable path: ``p log p`` is computed as ``exp(log p) * log p`` from log_softmax, which is 0,
-    not NaN, where p underflows. The loss can be negative (``H <= log C``).
+    Stable path: ``p log p`` is computed as ``softmax(log p) * log p`` from log_softmax, which
+    is 0, not NaN, where p underflows; value and gradient (``d(p log p)/d log p = p (1 +
+    log p)``) come from one fused, hand-differentiated function. The loss can be negative
+    (``H <= log C``). The paper tunes beta per task; the default here is 0.1.
     """
 
     def __init__(
@@ -1034,8 +1159,18 @@ class ConfidencePenaltyLoss(CrossEntropyLoss):
         row_w = _row_weight(target, weight)
         if not target.is_floating_point():  # plus -w_y log p_y, in the same backward
             scale: Tensor | float = 1.0 if row_w is None else row_w
-            return _RowTerms.apply(
-                log_probs, torch.mul, _p_one_plus_log_p, target, scale, scale * self.penalty
+            kept: list[Tensor] = []
+
+            def value(lp: Tensor, p: Tensor) -> Tensor:
+                kept[:] = [torch.mul(p, lp)]
+                return kept[0]
+
+            def derivative(lp: Tensor, p: Tensor) -> Tensor:
+                # p (1 + log p) = p log p + p: reuse the forward's p log p on the first call
+                return kept.pop().add_(p) if kept else _p_one_plus_log_p(lp, p)
+
+            return self._row_terms(
+                log_probs, value, derivative, target, scale, scale * self.penalty
             )
         coef: Tensor | float = self.penalty
         if row_w is not None:
@@ -1048,7 +1183,7 @@ class ConfidencePenaltyLoss(CrossEntropyLoss):
         def soft_derivative(lp: Tensor, p: Tensor) -> Tensor:
             return torch.addcmul(p, p, lp).mul_(coef).sub_(factor)
 
-        return _RowTerms.apply(log_probs, soft_value, soft_derivative)
+        return self._row_terms(log_probs, soft_value, soft_derivative)
 
 
 class LogitAdjustedLoss(CrossEntropyLoss):
@@ -1138,8 +1273,10 @@ class Poly1Loss(CrossEntropyLoss):
     Classification Loss Functions"): ``CE + epsilon * (1 - p_y)``.
 
     Args:
-        epsilon: coefficient of the first polynomial term, >= -1 (paper: 1 for classification;
-            below -1 the loss would reward confidence in the wrong class). 0 gives cross-entropy.
+        epsilon: coefficient of the first polynomial term, >= -1 (below -1 the loss would
+            decrease as p_y falls near p_y = 1: its leading coefficient 1 + epsilon turns
+            negative); the paper tunes it per task, positive for classification; default 1.
+            0 gives cross-entropy.
         class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
             `CrossEntropyLoss`.
 
@@ -1182,7 +1319,7 @@ class Poly1Loss(CrossEntropyLoss):
             def derivative(lp: Tensor, p: Tensor) -> Tensor:
                 return torch.addcmul(factor, factor, p, value=eps).neg_()
 
-            return _RowTerms.apply(log_probs, value, derivative)
+            return self._row_terms(log_probs, value, derivative)
         log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
         loss = -log_p if eps == 0.0 else eps * _one_minus_exp(log_p) - log_p
         return loss if weight is None else loss * weight.take(target)
@@ -1261,7 +1398,7 @@ class SymmetricCrossEntropyLoss(CrossEntropyLoss):
         def derivative(lp: Tensor, p: Tensor) -> Tensor:
             return (p * log_q).add_(factor, alpha=alpha).neg_()
 
-        return _RowTerms.apply(log_probs, value, derivative)
+        return self._row_terms(log_probs, value, derivative)
 
 
 class GeneralizedCrossEntropyLoss(CrossEntropyLoss):
