@@ -2,7 +2,17 @@
 
 from xentlit.callbacks import ConvergenceDoctor
 from xentlit.data import DigitsDataModule, FileDataModule, SyntheticDataModule, TensorBatchDataset, TensorDataModule
-from xentlit.losses import CrossEntropyLoss, class_weights, cross_entropy
+from xentlit.losses import (
+    ConfidencePenaltyLoss,
+    CrossEntropyLoss,
+    FocalLoss,
+    GeneralizedCrossEntropyLoss,
+    LogitAdjustedLoss,
+    Poly1Loss,
+    SymmetricCrossEntropyLoss,
+    class_weights,
+    cross_entropy,
+)
 from xentlit.module import XentModule
 from xentlit.nets import MLP
 from xentlit.plots import PlotCallback
@@ -11,7 +21,13 @@ __all__ = [
     "MLP",
     "PlotCallback",
     "ConvergenceDoctor",
+    "ConfidencePenaltyLoss",
     "CrossEntropyLoss",
+    "FocalLoss",
+    "GeneralizedCrossEntropyLoss",
+    "LogitAdjustedLoss",
+    "Poly1Loss",
+    "SymmetricCrossEntropyLoss",
     "DigitsDataModule",
     "FileDataModule",
     "SyntheticDataModule",
