@@ -113,3 +113,36 @@ def test_two_runs_started_together_get_separate_run_directories(tmp_path):
     seeds = sorted(int((r / ".hydra" / "overrides.yaml").read_text().split("seed=")[1].split()[0]) for r in runs)
     assert seeds == [1, 2]
     assert all(len((r / "csv" / "metrics.csv").read_text().splitlines()) >= 2 for r in runs)
+
+
+CRASH_WHILE_SAVING = r"""
+import os, sys
+import fsspec.implementations.local as local
+import lightning.pytorch as pl
+from xentlit import MLP, DigitsDataModule, XentModule
+
+class CrashDuringThirdSave(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 2:  # the next checkpoint write dies half-way, like a kill mid-write
+            real_write = local.LocalFileOpener.write
+            def half_then_die(self, data):
+                real_write(self, data[: len(data) // 2]); self.f.flush(); os._exit(137)
+            local.LocalFileOpener.write = half_then_die
+
+pl.seed_everything(0)
+checkpoint = pl.callbacks.ModelCheckpoint(dirpath=sys.argv[1], save_last=True, monitor="val/loss")
+trainer = pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     callbacks=[CrashDuringThirdSave(), checkpoint])
+trainer.fit(XentModule(MLP(64, 10)), datamodule=DigitsDataModule())
+"""
+
+
+def test_a_crash_while_saving_leaves_the_last_good_checkpoint_intact(tmp_path):
+    result = subprocess.run([sys.executable, "-c", CRASH_WHILE_SAVING, str(tmp_path)], capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 137, result.stderr[-2000:]
+    from xentlit.cli import load_checkpoint
+
+    last = load_checkpoint(tmp_path / "last.ckpt")  # readable, not truncated
+    assert last["epoch"] == 1  # the epoch before the interrupted save
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
