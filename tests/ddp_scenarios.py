@@ -29,13 +29,14 @@ def make_problem() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_module(normalization: str) -> XentModule:
+def make_module(normalization: str, steps_per_execution: int = 1) -> XentModule:
     torch.manual_seed(1)
     return XentModule(
         MLP(5, 4, hidden_sizes=[7]).double(),
         loss=CrossEntropyLoss(class_weights=WEIGHTS, label_smoothing=0.1),
         optimizer=functools.partial(torch.optim.SGD, lr=0.5),
         loss_normalization=normalization,
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -56,10 +57,17 @@ def trainer(**kwargs) -> pl.Trainer:
 
 def main(out: str, mode: str) -> None:
     x, y = make_problem()
-    module = make_module(mode)
-    loader = DataLoader(TensorBatchDataset(x, y), batch_size=8, shuffle=False, collate_fn=collate_batch)
-    fit = trainer(accelerator="cpu", devices=2, strategy="ddp", precision="64-true", max_steps=1,
-                  accumulate_grad_batches=2, limit_val_batches=0)
+    if mode == "steps_per_execution":
+        # each rank's 16 rows split into 2 optimiser steps: step k sees rows 16k..16k+15 across the two ranks
+        module = make_module("auto", steps_per_execution=2)
+        loader = DataLoader(TensorBatchDataset(x, y), batch_size=16, shuffle=False, collate_fn=collate_batch)
+        fit = trainer(accelerator="cpu", devices=2, strategy="ddp", precision="64-true", max_steps=2,
+                      limit_val_batches=0)
+    else:
+        module = make_module(mode)
+        loader = DataLoader(TensorBatchDataset(x, y), batch_size=8, shuffle=False, collate_fn=collate_batch)
+        fit = trainer(accelerator="cpu", devices=2, strategy="ddp", precision="64-true", max_steps=1,
+                      accumulate_grad_batches=2, limit_val_batches=0)
     fit.fit(module, train_dataloaders=loader)
     params = [p.detach().tolist() for p in module.net.parameters()]
 

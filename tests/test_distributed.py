@@ -57,6 +57,15 @@ def test_two_ranks_with_accumulation_equal_one_big_batch(tmp_path):
         assert exact["metrics"][name] == pytest.approx(value, abs=1e-6), name
 
 
+def test_steps_per_execution_under_ddp_fails_clearly(tmp_path):
+    """DDP syncs gradients once per wrapped forward, so several optimiser steps per Lightning step are refused."""
+    out = tmp_path / "spe.json"
+    result = subprocess.run([sys.executable, str(HERE / "ddp_scenarios.py"), str(out), "steps_per_execution"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and not out.exists()
+    assert "steps_per_execution=2 is not supported with 2 processes" in result.stderr
+
+
 def test_torchrun_launch_gives_one_run_dir_and_a_loadable_checkpoint(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     run_script("train.py", "trainer=ddp_cpu", "trainer.max_epochs=2", cwd=tmp_path, launcher=launcher)

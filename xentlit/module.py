@@ -70,8 +70,8 @@ class XentModule(LightningModule):
             from the dataloader is split into this many consecutive slices, each one optimiser step (so the
             optimiser batch is the dataloader's batch size divided by this). For small networks Lightning's
             per-step overhead is comparable to the step itself; this amortises it. Uses manual optimisation:
-            schedulers, global loss normalisation, metrics and checkpoints behave as with 1, but
-            ``accumulate_grad_batches`` and the Trainer's ``gradient_clip_val`` are not available.
+            schedulers, loss normalisation, metrics and checkpoints behave as with 1, but
+            ``accumulate_grad_batches``, the Trainer's ``gradient_clip_val`` and DDP are not available.
     """
 
     def __init__(
@@ -150,6 +150,13 @@ class XentModule(LightningModule):
 
     # ------------------------------------------------------------------------------------ set-up helpers
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.steps_per_execution > 1 and self.trainer.world_size > 1:
+            # DDP synchronises gradients once per wrapped forward; several backward passes inside one
+            # training_step would leave all but the first unsynchronised.
+            raise ValueError(
+                f"steps_per_execution={self.hparams.steps_per_execution} is not supported with "
+                f"{self.trainer.world_size} processes yet; use steps_per_execution=1 under DDP"
+            )
         if getattr(self.loss, "needs_class_counts", False):
             counts = getattr(self.trainer.datamodule, "class_counts", None) if self._trainer is not None else None
             if counts is None:
