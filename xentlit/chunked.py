@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xentlit.losses import _check_number, _safe_mean
+
 __all__ = [
     "ChunkedLinearCrossEntropy",
     "linear_cross_entropy",
@@ -84,18 +86,6 @@ def _check_int(name: str, value: Any, low: int | None = None) -> int:
     if low is not None and number < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
     return number
-
-
-def _check_smoothing(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"label_smoothing must be a number in [0, 1), got {value!r}")
-    try:
-        smoothing = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"label_smoothing must be a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= smoothing < 1.0:  # also rejects NaN
-        raise ValueError(f"label_smoothing must be in [0, 1), got {value!r}")
-    return smoothing
 
 
 def _check_class_weights_values(weights: Tensor) -> None:
@@ -347,7 +337,7 @@ def _rows_and_denominator(
 ) -> tuple[Tensor, Tensor]:
     """Validated per-row losses (N,) and the mean's denominator (detached scalar)."""
     ignore_index = _check_int("ignore_index", ignore_index)
-    eps = _check_smoothing(label_smoothing)
+    eps = _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
     _check_inputs(hidden, weight, bias, target, class_weights, chunk_size, reduction)
     chunk_size = operator.index(chunk_size)
     num_classes = weight.shape[0]
@@ -367,11 +357,6 @@ def _rows_and_denominator(
         hidden, weight, bias, safe, nll_coef, smooth_coef, cw, chunk_size, eps > 0.0
     )
     return rows, denominator
-
-
-def _safe_mean(loss_sum: Tensor, denominator: Tensor) -> Tensor:
-    """``loss_sum / denominator``, 0 with zero gradient where the denominator is 0 (as in xentlit.losses)."""
-    return loss_sum / denominator.where(denominator > 0, math.inf)
 
 
 def linear_cross_entropy(
@@ -488,7 +473,7 @@ class ChunkedLinearCrossEntropy(nn.Module):
         self.num_classes = _check_int("num_classes", num_classes, low=1)
         self.chunk_size = _check_int("chunk_size", chunk_size, low=1)
         self.ignore_index = _check_int("ignore_index", ignore_index)
-        self.label_smoothing = _check_smoothing(label_smoothing)
+        self.label_smoothing = _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
         self.bias = nn.Parameter(torch.empty(self.num_classes)) if bias else None
         if class_weights is None:

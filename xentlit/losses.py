@@ -372,14 +372,7 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
         if not isinstance(reduction, str) or reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        try:
-            smoothing = float(label_smoothing)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}"
-            ) from None
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        smoothing = _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
         try:
             ignore = operator.index(ignore_index)
         except TypeError:
