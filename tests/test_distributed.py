@@ -63,7 +63,7 @@ def test_steps_per_execution_under_ddp_fails_clearly(tmp_path):
     result = subprocess.run([sys.executable, str(HERE / "ddp_scenarios.py"), str(out), "steps_per_execution"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and not out.exists()
-    assert "steps_per_execution=2 is not supported with 2 processes" in result.stderr
+    assert "steps_per_execution=2 cannot be combined with 2 processes (DDP)" in result.stderr
 
 
 def test_torchrun_launch_gives_one_run_dir_and_a_loadable_checkpoint(tmp_path):

@@ -220,3 +220,107 @@ def test_compiled_network_trains_to_the_same_numbers():
     assert "_orig_mod" not in "".join(compiled.state_dict())  # checkpoints keep plain keys
     for a, b in zip(eager.net.parameters(), compiled.net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ steps_per_execution=auto
+def _dm(n: int = 203, batch_size: int = 8, drop_last: bool = False):
+    from xentlit import TensorDataModule
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(n, 5, generator=g), torch.randint(0, 4, (n,), generator=g)
+    y[::7] = IGNORE
+    return TensorDataModule(x, y, batch_size=batch_size, val_fraction=0.2, test_fraction=0.0, drop_last=drop_last)
+
+
+def _fit_steps(steps, dm, scheduler=None, **trainer_kwargs):
+    torch.manual_seed(1)
+    pl.seed_everything(3)
+    module = XentModule(MLP(5, 4, hidden_sizes=[7]), loss=CrossEntropyLoss(class_weights=[1.0, 2.0, 1.0, 0.5]),
+                        optimizer=functools.partial(torch.optim.Adam, lr=0.01), scheduler=scheduler,
+                        steps_per_execution=steps)
+    trainer = _trainer(**{"max_epochs": 3, **trainer_kwargs})
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_auto_steps_per_execution_trains_exactly_the_model_of_one_step_per_batch(drop_last):
+    """auto runs 8 optimiser steps per Lightning step on a xentlit datamodule, over the very same batches."""
+    scheduler = {"scheduler": functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.05), "interval": "step"}
+    one, t1 = _fit_steps(1, _dm(drop_last=drop_last), scheduler)
+    auto, ta = _fit_steps("auto", _dm(drop_last=drop_last), scheduler)
+    assert one.steps_per_execution == 1 and auto.steps_per_execution == 8
+    assert not auto.automatic_optimization and one.automatic_optimization
+    n_train = 203 - round(0.2 * 203)
+    per_epoch = n_train // 8 if drop_last else -(-n_train // 8)
+    assert t1.global_step == ta.global_step == 3 * per_epoch
+    assert ta.num_training_batches == -(-n_train // 64)  # Lightning steps: groups of 8 batches
+    # OneCycle's total_steps counts optimiser steps, not Lightning steps
+    assert ta.lr_scheduler_configs[0].scheduler.total_steps == t1.lr_scheduler_configs[0].scheduler.total_steps
+    assert ta.lr_scheduler_configs[0].scheduler.get_last_lr() == t1.lr_scheduler_configs[0].scheduler.get_last_lr()
+    for a, b in zip(one.net.parameters(), auto.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert ta.callback_metrics[key].item() == pytest.approx(t1.callback_metrics[key].item(), rel=1e-5), key
+    assert ta.datamodule.steps_per_execution == 1  # its loaders serve single batches again after the fit
+
+
+def test_max_steps_inside_an_execution_stops_at_the_exact_step():
+    module, trainer = _fit_steps("auto", _dm(), max_epochs=-1, max_steps=13)
+    assert module.steps_per_execution == 8 and trainer.global_step == 13
+
+
+@pytest.mark.parametrize("setting", [
+    dict(accumulate_grad_batches=2), dict(gradient_clip_val=1.0), dict(limit_train_batches=3),
+    dict(val_check_interval=0.5), dict(overfit_batches=2), "plain_dataloader",
+])
+def test_auto_keeps_one_step_per_batch_where_batches_are_counted(setting, caplog):
+    if setting == "plain_dataloader":
+        dm = _dm()
+        dm.setup("fit")
+        module = XentModule(MLP(5, 4, hidden_sizes=[7]))
+        trainer = _trainer(max_epochs=1)
+        with caplog.at_level("INFO"):
+            trainer.fit(module, train_dataloaders=_loader(dm.train_dataset.x, dm.train_dataset.y))
+        reason = "xentlit datamodule"
+    else:
+        with caplog.at_level("INFO"):
+            module, trainer = _fit_steps("auto", _dm(), max_epochs=1, **setting)
+        reason = next(iter(setting)).split("_")[0]
+    assert module.steps_per_execution == 1 and module.automatic_optimization
+    message = next(r.getMessage() for r in caplog.records if "steps_per_execution=auto" in r.getMessage())
+    assert message.startswith("steps_per_execution=auto: 1 (") and reason in message
+
+
+def test_explicit_steps_per_execution_with_accumulation_fails_clearly():
+    with pytest.raises(ValueError, match=r"steps_per_execution=4 cannot be combined with accumulate_grad_batches=2"):
+        _fit_steps(4, _dm(), accumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "fast", True])
+def test_steps_per_execution_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=r"steps_per_execution must be 'auto' or an int >= 1, got"):
+        XentModule(MLP(5, 4), steps_per_execution=bad)
+
+
+def test_lean_training_metrics_equal_torchmetrics():
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from xentlit.metrics import RunningAccuracy, WeightedMean
+
+    g = torch.Generator().manual_seed(0)
+    ours, ref = RunningAccuracy(ignore_index=IGNORE), MulticlassAccuracy(5, average="micro", ignore_index=IGNORE)
+    mean, ref_mean = WeightedMean(), MeanMetric()
+    for n in (7, 1, 30):
+        logits = torch.randn(n, 5, 3, generator=g)  # spatial targets too
+        target = torch.randint(0, 5, (n, 3), generator=g)
+        target[0, 0] = IGNORE
+        ours.update(logits, target)
+        ref.update(logits.softmax(1), target)
+        value, weight = torch.rand(n, generator=g), torch.rand(n, generator=g) * 5
+        mean.update(value, weight=weight)
+        ref_mean.update(value, weight=weight)
+    assert ours.compute().item() == pytest.approx(ref.compute().item(), abs=1e-7)
+    assert mean.compute().item() == pytest.approx(ref_mean.compute().item(), rel=1e-6)
+    assert RunningAccuracy(ignore_index=IGNORE).compute().item() == 0.0  # nothing counted yet

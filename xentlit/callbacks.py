@@ -9,7 +9,9 @@ accelerator; the expensive checks run once) and works with any LightningModule t
   ``(N, C, d1, ...)``, raw scores, before any softmax) and ``target`` (class indices ``(N[, d1, ...])``, or
   probabilities shaped like the logits), next to the ``loss``. The key names are arguments
   (``logits_key``, ``target_key``, ``loss_key``). A step that returns something else is skipped by the
-  logit/target checks; gradient checks still run.
+  logit/target checks; gradient checks still run. A training step that runs several optimiser steps
+  (:class:`~xentlit.XentModule`'s ``steps_per_execution``) returns their rows concatenated and ``step_rows``, the
+  rows of each optimiser step, so that per-batch statistics still count optimiser batches.
 * For the checks made *before* the forward pass (first batch of each stage, and the batch that raised an
   exception), the doctor reads inputs and targets from the batch: through ``pl_module.unpack_batch(batch)`` when
   the module has one (:class:`~xentlit.XentModule` does), else ``batch[batch_input_key]`` /
@@ -732,7 +734,9 @@ class ConvergenceDoctor(Callback):
         step = self._opt_steps
         self._opt_steps += 1
         if step >= _GRAD_REFERENCE_STEPS and step % self._grad_every and self._grad_measured:
-            return  # (measured on the first steps, the first step of every epoch, then every n steps)
+            # (measured on the first steps, the first step of every epoch, then every n steps)
+            self._watch_execution_step(trainer, pl_module, step)
+            return
         self._grad_measured = True
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None and not p.grad.is_sparse]
@@ -743,6 +747,24 @@ class ConvergenceDoctor(Callback):
             else:
                 norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
             self._grad_norm = norm if self._grad_norm is None else torch.hypot(self._grad_norm, norm)
+        self._watch_execution_step(trainer, pl_module, step)
+
+    def _watch_execution_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Inside a training step that runs several optimiser steps (XentModule's ``steps_per_execution``), judge
+        each step's loss (the module's ``step_loss``) before the optimiser applies it: a divergence stops the
+        execution (the module checks ``trainer.should_stop``) and the step is skipped (its gradients dropped)."""
+        loss = getattr(pl_module, "step_loss", None)
+        if not isinstance(loss, Tensor):
+            return
+        values, gn = [loss.reshape(())], self._grad_norm
+        if gn is not None:
+            self._grad_norm = None
+            values.append(gn)
+        self._watch(trainer, pl_module, self._reader.push(values, (step, True, gn is not None)))
+        if self._stopped:
+            for group in trainer.optimizers[0].param_groups if trainer.optimizers else []:
+                for p in group["params"]:
+                    p.grad = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -760,8 +782,13 @@ class ConvergenceDoctor(Callback):
                     self._warn_contract(trainer)
             finally:
                 self._remove_probe()
-        if logits is not None and target is not None and self._train_chunks.add(logits, target):
-            self._reduce_train_chunks()
+        if logits is not None and target is not None:
+            rows = outputs.get("step_rows") if isinstance(outputs, Mapping) else None
+            pieces = zip(logits.split(list(rows)), target.split(list(rows))) if rows else [(logits, target)]
+            if any([self._train_chunks.add(lg, t) for lg, t in pieces]):
+                self._reduce_train_chunks()
+        if isinstance(outputs, Mapping) and outputs.get("step_rows"):
+            return  # each optimiser step's loss and gradient norm were judged in on_before_optimizer_step
         values: list[Tensor] = []
         if loss is not None and loss.numel() == 1:
             values.append(loss)

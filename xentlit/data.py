@@ -256,6 +256,9 @@ class TensorDataModule(LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.drop_last = bool(drop_last)
+        # Set by XentModule for a fit: the train loader then serves this many batches at once (see
+        # XentModule's steps_per_execution), and the module steps through them one batch_size at a time.
+        self.steps_per_execution = 1
 
         self._train_dataset: TensorBatchDataset | None = None
         self._val_dataset: TensorBatchDataset | None = None
@@ -480,12 +483,17 @@ class TensorDataModule(LightningDataModule):
     # ---------------------------------------------------------------- dataloaders
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (Lightning adds a DistributedSampler under DDP)."""
+        """Shuffled training batches (Lightning adds a DistributedSampler under DDP).
+
+        With ``steps_per_execution = k`` each batch holds k batches' rows, in the same shuffled order (the
+        module drops a short last batch itself when ``drop_last``).
+        """
+        k = self.steps_per_execution
         return DataLoader(
             self.train_dataset,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size * k,
             shuffle=True,
-            drop_last=self.drop_last,
+            drop_last=self.drop_last and k == 1,
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
