@@ -721,3 +721,54 @@ def test_file_errors(tmp_path: Path) -> None:
         FileDataModule(str(tmp_path / "k.npz")).setup()
     with pytest.raises(ValueError, match=r"feature array 'feats' not found"):
         FileDataModule(str(tmp_path / "k.npz"), label_column="y", feature_columns=["feats"]).setup()
+
+
+# ------------------------------------------------------------------------------ data kept on the device
+def _on_device_fit(on_device: bool, accelerator: str = "cpu"):
+    from xentlit import MLP, XentModule
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 6, generator=g), torch.randint(0, 3, (300,), generator=g)
+    dm = TensorDataModule(x, y, batch_size=16, on_device=on_device)
+    torch.manual_seed(0)
+    module = XentModule(MLP(6, 3, hidden_sizes=[8]))
+    trainer = lightning.pytorch.Trainer(accelerator=accelerator, devices=1, max_epochs=2, logger=False,
+                                        enable_checkpointing=False, enable_progress_bar=False,
+                                        enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
+    lightning.pytorch.seed_everything(1)
+    trainer.fit(module, datamodule=dm)
+    return dm, module, trainer
+
+
+def test_on_device_moves_every_split_once_and_serves_batches_there():
+    dm = TensorDataModule(torch.randn(40, 3), torch.randint(0, 2, (40,)), batch_size=8, on_device=True)
+    dm.to_device("meta")  # any device: the batches are indexed where the data is
+    for ds in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
+        assert ds.x.device.type == "meta" and ds.y.device.type == "meta"
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.device.type == y.device.type == "meta" and x.shape == (8, 3)
+    assert dm.state_dict()["feature_mean"].device.type == "cpu"  # checkpointed statistics stay on the host
+
+
+def test_on_device_follows_the_trainer_and_trains_the_same_model():
+    dm, on, trainer = _on_device_fit(True)
+    assert dm.train_dataset.x.device == trainer.strategy.root_device
+    _, off, _ = _on_device_fit(False)
+    for a, b in zip(on.parameters(), off.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("loader_option", [dict(num_workers=2), dict(pin_memory=True)])
+def test_on_device_refuses_workers_and_pinned_memory(loader_option):
+    with pytest.raises(ValueError, match=r"on_device=True keeps the data on the accelerator.*use num_workers=0"):
+        TensorDataModule(torch.randn(10, 2), torch.zeros(10, dtype=torch.long), on_device=True, **loader_option)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_on_device_data_lives_on_the_gpu_and_trains_like_host_data():
+    dm, on, _ = _on_device_fit(True, accelerator="gpu")
+    assert dm.train_dataset.x.is_cuda and dm.val_dataset.y.is_cuda
+    _, off, _ = _on_device_fit(False, accelerator="gpu")
+    for a, b in zip(on.parameters(), off.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

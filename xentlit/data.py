@@ -67,7 +67,7 @@ class TensorBatchDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         """The whole batch for ``indices`` with one index op per tensor."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.x.device)
         return self.x[idx], self.y[idx]
 
 
@@ -227,6 +227,7 @@ class TensorDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["x", "y"])
@@ -256,6 +257,12 @@ class TensorDataModule(LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.drop_last = bool(drop_last)
+        if on_device and (num_workers or pin_memory):
+            raise ValueError(
+                f"on_device=True keeps the data on the accelerator, which worker processes and pinned memory cannot "
+                f"serve: got num_workers={num_workers}, pin_memory={pin_memory}; use num_workers=0, pin_memory=False"
+            )
+        self.on_device = bool(on_device)
         # Set by XentModule for a fit: the train loader then serves this many batches at once (see
         # XentModule's steps_per_execution), and the module steps through them one batch_size at a time.
         self.steps_per_execution = 1
@@ -306,9 +313,24 @@ class TensorDataModule(LightningDataModule):
         """Nothing to download: all data is in memory or on local disk."""
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, validate, split and standardise once; later calls are no-ops."""
-        if self._is_setup:
-            return
+        """Load, validate, split and standardise once; with ``on_device``, move the splits to the trainer's
+        device (one copy; batches are then indexed there, with no per-batch host-to-device transfer)."""
+        if not self._is_setup:
+            self._setup_splits()
+        trainer = self.trainer
+        if self.on_device and trainer is not None:
+            self.to_device(trainer.strategy.root_device)
+
+    def to_device(self, device: torch.device | str) -> None:
+        """Move the three splits' tensors to ``device`` (what ``on_device=True`` does at set-up)."""
+        if not self._is_setup:
+            self._setup_splits()
+        for name in ("_train_dataset", "_val_dataset", "_test_dataset"):
+            ds = getattr(self, name)
+            if ds.x.device != torch.device(device):
+                setattr(self, name, TensorBatchDataset(ds.x.to(device), ds.y.to(device)))
+
+    def _setup_splits(self) -> None:
         self._source_class_names = None
         (x_tr, y_tr), *evals = self.load_splits()
         x_tr = _as_features(x_tr, "the train split")
@@ -681,6 +703,7 @@ class DigitsDataModule(TensorDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__(
             class_names=class_names,
@@ -694,6 +717,7 @@ class DigitsDataModule(TensorDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
+            on_device=on_device,
         )
 
     def load(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -759,6 +783,7 @@ class SyntheticDataModule(TensorDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__(
             class_names=class_names,
@@ -772,6 +797,7 @@ class SyntheticDataModule(TensorDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
+            on_device=on_device,
         )
         _check_int("num_features", num_features, minimum=1)
         _check_int("num_classes", num_classes, minimum=2)
@@ -939,6 +965,7 @@ class FileDataModule(TensorDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__(
             class_names=class_names,
@@ -952,6 +979,7 @@ class FileDataModule(TensorDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             drop_last=drop_last,
+            on_device=on_device,
         )
         if num_classes is not None:
             _check_int("num_classes", num_classes, minimum=2)
