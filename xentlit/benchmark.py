@@ -201,26 +201,37 @@ class FirstStepMarker(pl.Callback):
 
 
 def peak_memory_mb(variant: str, batch_size: int) -> tuple[float, float]:
-    """``(peak RSS, peak RSS minus the RSS before the run)`` in MiB, of a fresh process that imports everything,
-    loads the data, then runs one epoch of ``variant``: the second figure is what the variant itself adds."""
+    """``(peak RSS, peak RSS during the run minus the RSS before it)`` in MiB, of a fresh process that imports
+    everything and loads the data, resets the kernel's peak-RSS mark, then runs one epoch of ``variant``: the
+    second figure is what the variant itself adds (NaN where ``/proc/self/clear_refs`` is not available)."""
     code = (
         "import resource, pathlib, tempfile; from xentlit import benchmark as b; import xentlit.cli; "
-        "x, y = b.digits_tensors(); before = b._rss_mib(); "
+        "x, y = b.digits_tensors(); before = b._proc_status_mib('VmRSS'); reset = b._reset_peak_rss(); "
         f"kw = {{'out_dir': pathlib.Path(tempfile.mkdtemp())}} if {variant!r} == 'D' else {{}}; "
         f"b.VARIANTS[{variant!r}](x, y, {batch_size}, **kw); "
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(peak, peak - before)"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+        "print(peak, b._proc_status_mib('VmHWM') - before if reset else float('nan'))"
     )
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     peak, added = result.stdout.strip().splitlines()[-1].split()
     return float(peak), float(added)
 
 
-def _rss_mib() -> float:
-    """Current resident memory of this process (Linux), MiB."""
+def _proc_status_mib(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (Linux: VmRSS now, VmHWM the peak since the last reset), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 VARIANTS: dict[str, Callable[..., Timing]] = {
