@@ -39,6 +39,8 @@ def schema(
         zen_partial=partial or None,
         zen_exclude=exclude,
         builds_bases=bases,
+        # keyword-only fields: a subclass's required argument (FileDataModule's path) may follow its base's defaults
+        zen_dataclass={"kw_only": True} if bases else None,
     )
     if partial:  # hydra-zen leaves a partial's required arguments out: add them back, to be set in YAML
         present = {f.name for f in dataclasses.fields(node)} | set(exclude) | set(typed)
@@ -134,12 +136,14 @@ class PredictConfig:
 
 
 _tensorboard = getattr(pl_loggers, "TensorBoardLogger")
+# The datamodules' shared options (their subclasses take them as **kwargs and pass them on).
+_DATA_BASE = schema(data.TensorDataModule, exclude=("x", "y"))
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "data": {
-        "digits": schema(data.DigitsDataModule),
-        "synthetic": schema(data.SyntheticDataModule),
-        "files": schema(data.FileDataModule),
+        "digits": schema(data.DigitsDataModule, bases=(_DATA_BASE,)),
+        "synthetic": schema(data.SyntheticDataModule, bases=(_DATA_BASE,)),
+        "files": schema(data.FileDataModule, bases=(_DATA_BASE,)),
     },
     "model": {"mlp": schema(nets.MLP, exclude=("in_features", "num_classes"))},
     "loss": {name: schema(cls) for name, cls in losses.LOSSES.items()},

@@ -689,36 +689,9 @@ def _fit_standardizer(x: Tensor) -> tuple[Tensor, Tensor]:
 class DigitsDataModule(TensorDataModule):
     """scikit-learn's bundled 8x8 handwritten digits: 1797 x 64, 10 classes (no download)."""
 
-    def __init__(
-        self,
-        *,
-        class_names: Sequence[str] | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 0,
-        standardize: bool = True,
-        ignore_index: int = -100,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        on_device: bool = False,
-    ) -> None:
-        super().__init__(
-            class_names=class_names,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            split_seed=split_seed,
-            standardize=standardize,
-            ignore_index=ignore_index,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            on_device=on_device,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        """``kwargs``: :class:`TensorDataModule`'s options (``batch_size``, ``val_fraction``, ...)."""
+        super().__init__(**kwargs)
 
     def load(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The digits arrays from the scikit-learn package data."""
@@ -771,34 +744,9 @@ class SyntheticDataModule(TensorDataModule):
         unlabeled_fraction: float = 0.0,
         class_sep: float = 1.5,
         data_seed: int = 0,
-        *,
-        class_names: Sequence[str] | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 0,
-        standardize: bool = True,
-        ignore_index: int = -100,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        on_device: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_names=class_names,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            split_seed=split_seed,
-            standardize=standardize,
-            ignore_index=ignore_index,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            on_device=on_device,
-        )
+        super().__init__(**kwargs)
         _check_int("num_features", num_features, minimum=1)
         _check_int("num_classes", num_classes, minimum=2)
         _check_int("num_samples", num_samples, minimum=num_classes)
@@ -953,36 +901,12 @@ class FileDataModule(TensorDataModule):
         val_path: str | None = None,
         test_path: str | None = None,
         num_classes: int | None = None,
-        *,
-        class_names: Sequence[str] | None = None,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        split_seed: int = 0,
-        standardize: bool = True,
-        ignore_index: int = -100,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        on_device: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_names=class_names,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            split_seed=split_seed,
-            standardize=standardize,
-            ignore_index=ignore_index,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            on_device=on_device,
-        )
+        super().__init__(**kwargs)
         if num_classes is not None:
             _check_int("num_classes", num_classes, minimum=2)
+            class_names = kwargs.get("class_names")
             if class_names is not None and len(class_names) != num_classes:
                 raise ValueError(
                     f"num_classes={num_classes} but {len(class_names)} class_names were given "
