@@ -16,6 +16,7 @@ import yaml
 
 from conftest import CONF, run_script
 from xentlit import compare
+from xentlit import losses
 from xentlit.losses import (
     LOSSES,
     ConfidencePenaltyLoss,
@@ -174,8 +175,13 @@ def case_id(case):
     return name + "-" + "-".join(f"{k}{'A' if k == 'alpha' else v}" for k, v in knobs.items())
 
 
+@pytest.mark.parametrize("rows_per_block", [None, 2], ids=["one-block", "blocks-of-2-rows"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_value_and_gradient_match_the_paper_formula(case):
+def test_value_and_gradient_match_the_paper_formula(case, rows_per_block, monkeypatch):
+    """Every option against the paper's formula; with blocks of 2 rows (of 7), the fused paths (probabilities,
+    smoothing, the confidence penalty, the z-loss) also cross block boundaries, the last block a short one."""
+    if rows_per_block is not None:
+        monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", rows_per_block * C)
     name, knobs = case
     supports_soft = LOSSES[name].supports_soft_targets
     checked = 0
@@ -391,6 +397,83 @@ def test_fused_paths_give_the_same_gradient_twice_and_through_log_probs(case):
         per = loss.per_sample_loss(log_probs, target, torch.tensor(WEIGHTS, dtype=torch.float64))
         (via_log_probs,) = torch.autograd.grad(per.sum(), logits)
         torch.testing.assert_close(via_log_probs, first, **TOL)
+
+
+FUSED_CASES = [c for c in CASES if c[0] in {"focal", "confidence_penalty", "poly1", "symmetric_ce"}]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
+def test_spatial_probabilities_and_smoothing_in_blocks_of_one_row_match_the_paper_formula(case, monkeypatch):
+    """(N, C, d) logits through the fused paths, one row (C x d entries) per block, z-loss included."""
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 1)
+    name, knobs = case
+    knobs = {**knobs, "z_loss": 0.02}
+    for kind, smoothing, use_w in [("soft", 0.0, True), ("index", 0.2, True), ("index", 0.1, False)]:
+        logits, target = make_inputs(kind, kind == "index", spatial=True, seed=6, n=5)
+        weights = WEIGHTS if use_w else None
+        for reduction in ("mean", "none"):
+            ours = build(name, knobs, weights, reduction, smoothing)(logits, target)
+            hand = hand_loss(name, knobs, logits, target, weights, reduction, smoothing)
+            v, g = value_and_grad(ours, logits)
+            v_hand, g_hand = value_and_grad(hand, logits)
+            torch.testing.assert_close(v, v_hand, **TOL)
+            torch.testing.assert_close(g, g_hand, **TOL)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
+def test_smoothing_taken_apart_equals_the_smoothed_probabilities_a_subclass_sees(case):
+    """Label smoothing reaches the built-in formulas as eps / C + (1 - eps) one_hot (no (N, C) target); a subclass
+    that overrides per_sample_loss gets the smoothed probabilities instead. Both give the same numbers."""
+    name, knobs = case
+    seen = []
+
+    class Override(LOSSES[name]):
+        def per_sample_loss(self, log_probs, target, weight):
+            seen.append(target.is_floating_point())
+            return super().per_sample_loss(log_probs, target, weight)
+
+    assert LOSSES[name]._fused_soft and not Override._fused_soft
+    logits, target = make_inputs("index", True, seed=8)
+    for reduction in ("mean", "none"):
+        fused = build(name, knobs, WEIGHTS, reduction, 0.3)
+        plain = Override(**knobs, class_weights=WEIGHTS, reduction=reduction, label_smoothing=0.3)
+        v, g = value_and_grad(fused(logits, target), logits)
+        v_plain, g_plain = value_and_grad(plain(logits, target), logits)
+        torch.testing.assert_close(v, v_plain, **TOL)
+        torch.testing.assert_close(g, g_plain, **TOL)
+    assert seen == [True, True]  # the override ran, on smoothed probabilities
+
+
+@pytest.mark.parametrize("case", FUSED_CASES + [("cross_entropy", dict(z_loss=0.05))], ids=case_id)
+def test_fused_paths_are_twice_differentiable_and_need_no_graph_without_grad(case):
+    """Double backward (gradgradcheck, create_graph=True) through the hand-differentiated paths, and a forward
+    under no_grad (which skips their gradient work) that gives the same values."""
+    name, knobs = case
+    for kind, smoothing in [("soft", 0.0), ("index", 0.2), ("index", 0.0)]:
+        logits, target = make_inputs(kind, False, seed=9, n=4)
+        loss = build(name, knobs, WEIGHTS, "none", smoothing)
+        assert torch.autograd.gradcheck(lambda x: loss(x, target), (logits,))
+        assert torch.autograd.gradgradcheck(lambda x: loss(x, target), (logits,))
+        with torch.no_grad():
+            quiet = loss(logits, target)
+        assert quiet.grad_fn is None
+        torch.testing.assert_close(quiet, loss(logits, target).detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in VARIANTS.items() if cls.supports_soft_targets])
+def test_variants_check_probability_targets_in_every_block(name, monkeypatch):
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 2 * C)  # the bad row is in the last block
+    loss = build(name, {})
+    logits, target = make_inputs("soft", False, seed=10)
+    loss(logits, target)
+    negative = target.clone()
+    negative[6] = torch.tensor([0.5, 0.6, -0.1, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"1 entries are negative \(most negative -0\.1\)"):
+        loss(logits, negative)
+    short = target.clone()
+    short[6] *= 0.5
+    with pytest.raises(ValueError, match=r"1 of 7 rows do not; worst row sum is 0\.5"):
+        loss(logits, short)
 
 
 def test_subclass_handing_its_own_log_probs_to_a_variant_gets_the_right_gradient():
@@ -649,6 +732,16 @@ def test_bench_quick_prints_a_row_per_loss(tmp_path):
         expected = 2 if name == "generalized_ce" else 4  # GCE: class indices only
         assert len(ratios) == expected and all(0 < r < 100 for r in ratios), line
     assert rows["generalized_ce"].count("n/a (indices only)") == 2
+
+
+def test_bench_only_times_the_matching_cells(tmp_path):
+    result = run_script("bench_losses.py", "--quick", "--only", "^focal", "--only", "soft", "--system-malloc",
+                        cwd=tmp_path, timeout=120)
+    assert "system malloc defaults" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| loss")]
+    assert len(rows) == 1 and rows[0].startswith("| focal |")
+    cells = [cell.strip() for cell in rows[0].split("|")[3:-1]]
+    assert cells[:3] == ["-", "-", "-"] and re.match(r"\d+\.\d+x \[", cells[3])
 
 
 def test_compare_quick_writes_csv_table_and_plot(tmp_path):

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from xentlit import losses
 from xentlit.losses import (
     WEIGHT_STRATEGIES,
     CrossEntropyLoss,
@@ -101,8 +102,12 @@ def combo_id(combo):
     )
 
 
+@pytest.mark.parametrize("rows_per_block", [None, 1], ids=["one-block", "blocks-of-1-row"])
 @pytest.mark.parametrize("combo", COMBOS, ids=[combo_id(c) for c in COMBOS])
-def test_every_option_matches_torch_and_hand_formula(combo):
+def test_every_option_matches_torch_and_hand_formula(combo, rows_per_block, monkeypatch):
+    """With blocks of one row, the fused path of probability targets works across block boundaries."""
+    if rows_per_block is not None:
+        monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 1)
     use_w, ignore_some, reduction, ls, soft, spatial = combo
     logits, target = make_inputs(spatial, soft, ignore_some)
     weight = torch.tensor(WEIGHTS, dtype=torch.float64) if use_w else None
@@ -177,6 +182,82 @@ def test_default_config_float32_bitwise_or_one_ulp():
     assert ((g_ours - g_ref).abs() <= eps * g_ref.abs()).all()
     torch.testing.assert_close(ours, ref, rtol=eps, atol=0)
     torch.testing.assert_close(g_ours, g_ref, rtol=eps, atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_weighted_mean_is_torchs_bitwise_and_exactly_sum_over_denominator(spatial):
+    """float32, class weights, some targets ignored: the mean and its gradient are torch's, bit for bit, on (N, C)
+    logits (torch's own weight sum is the denominator there), and the mean is exactly loss_terms' sum over its
+    denominator either way."""
+    g = torch.Generator().manual_seed(2)
+    extra = (3,) if spatial else ()
+    x = (torch.randn(300, 37, *extra, generator=g) * 3).requires_grad_()
+    t = torch.randint(0, 37, (300, *extra), generator=g)
+    t.view(-1)[::7] = IGNORE
+    w = torch.rand(37, generator=g) + 0.5
+    loss = CrossEntropyLoss(w)
+    mean = loss(x, t)
+    loss_sum, denominator = loss.loss_terms(x, t)
+    assert torch.equal(mean, loss_sum / denominator.item())
+    (g_ours,) = torch.autograd.grad(mean, x)
+    ref = F.cross_entropy(x, t, weight=w)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    if not spatial:
+        assert torch.equal(mean, ref) and torch.equal(g_ours, g_ref)
+    torch.testing.assert_close(mean, ref, rtol=2e-7, atol=0)
+    torch.testing.assert_close(g_ours, g_ref, rtol=2e-7, atol=1e-12)
+
+
+def test_mean_whose_targets_all_weigh_zero_is_zero_with_zero_grad():
+    logits = torch.randn(3, 3, requires_grad=True)
+    for target in (torch.zeros(3, dtype=torch.long), torch.tensor([0, IGNORE, 0])):
+        loss = CrossEntropyLoss([0.0, 1.0, 1.0])(logits, target)
+        assert torch.isnan(F.cross_entropy(logits, target, weight=torch.tensor([0.0, 1.0, 1.0])))
+        assert loss.item() == 0.0
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(class_weights=WEIGHTS, label_smoothing=0.2), dict(z_loss=0.05)])
+def test_probability_targets_twice_differentiable_retained_graph_and_target_gradient(kwargs):
+    """The fused path of probability targets: double backward (create_graph), a second backward through a retained
+    graph, no gradient work under no_grad; and targets that require grad get torch's gradient (torch's path)."""
+    logits, target = make_inputs(False, True, False, seed=4, n=5)
+    loss = CrossEntropyLoss(**kwargs, reduction="none")
+    assert torch.autograd.gradgradcheck(lambda x: loss(x, target), (logits,))
+    out = loss(logits, target).sum()
+    (first,) = torch.autograd.grad(out, logits, retain_graph=True)
+    (second,) = torch.autograd.grad(out, logits)
+    torch.testing.assert_close(first, second, rtol=1e-14, atol=1e-14)
+    with torch.no_grad():
+        quiet = loss(logits, target)
+    assert quiet.grad_fn is None
+    torch.testing.assert_close(quiet, loss(logits, target).detach(), rtol=0, atol=0)
+    if kwargs.get("z_loss"):
+        return
+    soft = target.clone().requires_grad_()
+    weight = None if "class_weights" not in kwargs else torch.tensor(WEIGHTS, dtype=torch.float64)
+    ref = F.cross_entropy(logits, soft, weight=weight, label_smoothing=kwargs.get("label_smoothing", 0.0))
+    ours = CrossEntropyLoss(**kwargs)(logits, soft)
+    torch.testing.assert_close(ours, ref, **TOL64)
+    grads = torch.autograd.grad(ours, (logits, soft))
+    for got, want in zip(grads, torch.autograd.grad(ref, (logits, soft))):
+        torch.testing.assert_close(got, want, **TOL64)
+
+
+def test_probability_targets_are_checked_in_every_block(monkeypatch):
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 2 * C)  # the bad rows are in the last blocks
+    logits, target = make_inputs(False, True, False, seed=5)
+    for loss in (CrossEntropyLoss(), CrossEntropyLoss(WEIGHTS), cross_entropy):
+        loss(logits, target)
+        negative = target.clone()
+        negative[6] = torch.tensor([0.5, 0.6, -0.1, 0.0, 0.0])
+        with pytest.raises(ValueError, match=r"1 entries are negative \(most negative -0\.1\)"):
+            loss(logits, negative)
+        bad_sums = target.clone()
+        bad_sums[4:] *= 1.5
+        with pytest.raises(ValueError, match=r"3 of 7 rows do not; worst row sum is 1\.5"):
+            loss(logits, bad_sums)
 
 
 def test_ignore_index_inside_class_range():

@@ -1,7 +1,7 @@
 """Cross-entropy loss: a checked, class-weighted, distributed-friendly superset of torch's.
 
 `CrossEntropyLoss` computes exactly what `torch.nn.functional.cross_entropy` computes (value and
-gradient, every option), and adds:
+gradient, every option, to rounding), and adds:
 
 * class weights computed from class counts (`class_weights`, `WEIGHT_STRATEGIES`), stored in a
   buffer so they travel with checkpoints;
@@ -20,6 +20,17 @@ The variants registered in `LOSSES` (one ``conf/loss/<name>.yaml`` each) are suc
 the base class (``class_weights="effective_number"``). Each keeps the base class's options and
 its exact (sum, denominator) split, so every one of them is exact under DDP and accumulation.
 
+Speed (``scripts/bench_losses.py``): class indices take torch's own kernels, and without smoothing
+their mean is torch's own, bit for bit (with weights on (N, C) logits, `loss_terms` takes torch's
+weight sum as its denominator, so that the two agree exactly). The losses that need
+every class's probability (probability targets, label smoothing in the variants, the confidence
+penalty, the z-loss with smoothing or probabilities) go through `_RowTerms`, which works on
+cache-sized blocks of rows, straight from the logits, with one pass of exponentials, and writes
+the gradient in the forward (closed forms, no autograd intermediates), so that it keeps one
+(N, C) temporary; label smoothing of class indices is taken apart (`_Target`) instead of
+materialising an (N, C) target, and validating probability targets reads each block while it is
+in cache.
+
 Pure PyTorch: nothing here imports Lightning.
 """
 
@@ -28,8 +39,8 @@ from __future__ import annotations
 import math
 import operator
 import weakref
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +66,7 @@ REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 # Soft-target rows must sum to 1 within this (absolute) tolerance; for bf16/fp16 targets the
 # tolerance is widened to the dtype's epsilon, since rounding alone can move a row sum that far.
 SOFT_TARGET_TOLERANCE = 1e-3
+_REDUCTION_SUM = 2  # at::Reduction::Sum, for torch.ops.aten.nll_loss_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,56 +250,500 @@ def _log_partition(x: Tensor, log_probs: Tensor, k: Tensor) -> Tensor:
     return (x.gather(1, k) - log_probs.gather(1, k)).squeeze(1)
 
 
+# --------------------------------------------------------------------------------------------
+# Fused per-class terms: the losses that need every class's probability
+# --------------------------------------------------------------------------------------------
+
+# Rows per block of `_RowTerms`: about this many elements, so that a block's temporaries stay
+# in the CPU cache (a pass over an (N, C) temporary in memory costs several in-cache passes).
+_BLOCK_ELEMENTS = 1 << 18
+
+# An elementwise function g of (log p, p) with its slope d g / d log p (p taken as exp(log p)):
+# ``g(log_p, p, slope) -> (value, slope or None)``. It must not modify its arguments, and what
+# it returns is either one of them, a number, or a fresh tensor of its own (which `_block_terms`
+# reuses in place); g is also run on (N, 1) gathers and, with autograd, for double backward.
+Elementwise = Callable[[Tensor, Tensor, bool], tuple[Tensor, "Tensor | float | None"]]
+
+
+def _g_log_p(log_p: Tensor, p: Tensor, slope: bool) -> tuple[Tensor, float]:
+    """g = log p (cross-entropy terms), slope 1."""
+    return log_p, 1.0
+
+
+def _g_p(log_p: Tensor, p: Tensor, slope: bool) -> tuple[Tensor, Tensor]:
+    """g = p, slope p."""
+    return p, p
+
+
+def _g_p_log_p(log_p: Tensor, p: Tensor, slope: bool) -> tuple[Tensor, Tensor | None]:
+    """g = p log p (minus the entropy), slope p (1 + log p)."""
+    return torch.mul(p, log_p), _p_one_plus_log_p(log_p, p) if slope else None
+
+
+class _Lazy(NamedTuple):
+    """A `_Term` factor computed block by block, ``fn(tensor[lo:hi])`` (a fresh tensor), so that
+    it is a cache-sized temporary rather than an (N, C) one."""
+
+    fn: Callable[[Tensor], Tensor]
+    tensor: Tensor
+
+
+Factor = Tensor | float | _Lazy
+
+
+class _Term(NamedTuple):
+    """``sum_c coef_c g(log p_c, p_c) + at_target * g(log p_y, p_y)`` for each row.
+
+    ``coef`` is the product of ``factors``: numbers, and tensors (or `_Lazy` ones) broadcasting
+    against the (N, C, ...) logits: per class (1, C, ...), per row (N, 1, ...) or per entry; no
+    factors, no sum over the classes. ``at_target`` (a number or (N, ...)) weighs g at the
+    target class y.
+    """
+
+    g: Elementwise
+    factors: tuple[Factor, ...] = ()
+    at_target: Tensor | float | None = None
+
+
+class _Part(NamedTuple):
+    """A `_Term` ready for the block loop: its number factors multiplied out (``scale``), its
+    tensor factors kept (``tensors``: per block, they are sliced and multiplied)."""
+
+    g: Elementwise
+    dense: bool
+    scale: float
+    tensors: tuple[Tensor | _Lazy, ...]
+    at_target: Tensor | float | None
+
+
+def _parts(terms: Sequence[_Term]) -> list[_Part]:
+    """The terms, each split into its number and its tensor factors."""
+    parts = []
+    for g, factors, at in terms:
+        tensors = tuple(f for f in factors if isinstance(f, (Tensor, _Lazy)))
+        scale = math.prod(f for f in factors if not isinstance(f, (Tensor, _Lazy)))
+        parts.append(_Part(g, bool(factors), scale, tensors, at))
+    return parts
+
+
+def _row_slice(value: Any, lo: int, hi: int, n: int) -> Any:
+    """Rows lo:hi of a tensor with n rows; anything else (numbers, broadcast dims) unchanged."""
+    if isinstance(value, Tensor) and value.dim() and value.shape[0] == n:
+        return value[lo:hi]
+    return value
+
+
+def _block_coefficient(
+    tensors: Sequence[Tensor | _Lazy], lo: int, hi: int, n: int
+) -> tuple[Tensor | None, bool]:
+    """The product of the tensor factors for rows lo:hi (None without any), and whether it is
+    a fresh tensor, which the caller may modify."""
+    coef: Tensor | None = None
+    fresh = False
+    for f in tensors:
+        if isinstance(f, _Lazy):
+            block, lazy = f.fn(_row_slice(f.tensor, lo, hi, n)), True
+        else:
+            block, lazy = _row_slice(f, lo, hi, n), False
+        if coef is None:
+            coef, fresh = block, lazy
+        else:
+            coef, fresh = coef * block, True
+    return coef, fresh
+
+
+def _class_sum(value: Tensor, coef: Tensor | float) -> Tensor:
+    """``sum_c coef_c value_c`` over dim 1, without an (N, C) product where ``coef`` is constant
+    along the classes (a sum) or along the rows (a matrix-vector product)."""
+    if not isinstance(coef, Tensor) or coef.dim() == 0:
+        return value.sum(dim=1) * coef
+    if coef.shape[1] == 1:
+        return value.sum(dim=1) * coef.squeeze(1)
+    if value.dim() == 2 and coef.shape[0] == 1:
+        return torch.mv(value, coef[0])
+    return (value * coef).sum(dim=1)
+
+
+def _unit(parts: Sequence[_Part]) -> float:
+    """The scale the gradient is kept divided by: the first sum's (nonzero) number factor, so
+    that multiplying by it is left to the backward's single pass."""
+    return next((part.scale for part in parts if part.dense and part.scale != 0.0), 1.0)
+
+
+def _sum_rows(rows: Tensor | None, part: Tensor) -> Tensor:
+    return part if rows is None else rows + part
+
+
+def _scaled(part: Tensor, scale: float) -> Tensor:
+    return part * scale if scale != 1.0 else part
+
+
+def _add_scaled(acc: Tensor | None, fresh: Tensor, scale: float) -> Tensor:
+    """``acc + scale * fresh`` in place, or ``fresh`` itself scaled in place."""
+    if acc is None:
+        return fresh.mul_(scale) if scale != 1.0 else fresh
+    return acc.add_(fresh, alpha=scale)
+
+
+def _block_terms(
+    log_p: Tensor, p: Tensor, parts: Sequence[_Part], rows_of: tuple[int, int, int],
+    index: Tensor | None, project: bool, out: Tensor | None, unit: float,
+    z: tuple[Tensor | float, Tensor] | None = None, own_log_p: bool = False,
+) -> Tensor:
+    """The rows ``rows_of`` = (lo, hi, n)'s sums of ``parts``; with ``out``, also writes there
+    their gradient divided by ``unit``, with respect to the logits whose log_softmax ``log_p``
+    is (``project``) or to ``log_p`` itself. ``g``'s results other than ``log_p`` and ``p``
+    themselves are fresh, so they are reused in place, and so is ``log_p`` after its last use
+    if it is a temporary (``own_log_p``). ``z`` = (coefficient c, log Z) adds the z-loss
+    ``c log Z**2``, whose gradient ``2 c log Z p`` joins the projection."""
+    lo, hi, n = rows_of
+    slope = out is not None
+    k = None if index is None else index.unsqueeze(1)
+    rows: Tensor | None = None
+    grad: Tensor | None = None
+    at_y: Tensor | float = 0.0
+    last_log_p = -1  # the last part that reads log_p
+    if own_log_p:
+        readers = [i for i, q in enumerate(parts) if q.g is not _g_p or q.at_target is not None]
+        last_log_p = max(readers, default=-1)
+    for i, (g, dense, scale, tensors, at_target) in enumerate(parts):
+        if dense:
+            value, deriv = g(log_p, p, slope)
+        if at_target is not None:  # (first: the sum below may reuse value and deriv)
+            assert k is not None
+            if dense:
+                value_y = value.gather(1, k)
+                deriv_y = deriv.gather(1, k) if isinstance(deriv, Tensor) else deriv
+            else:
+                value_y, deriv_y = g(log_p.gather(1, k), p.gather(1, k), slope)
+            at = _row_slice(at_target, lo, hi, n)
+            at = at.unsqueeze(1) if isinstance(at, Tensor) else at
+            part = (value_y * at).squeeze(1)
+            rows = _sum_rows(rows, part)
+            if slope:
+                assert deriv_y is not None
+                at_y = at_y + at * deriv_y
+        if not dense:
+            continue
+        coef, fresh = _block_coefficient(tensors, lo, hi, n)
+        full = coef is not None and coef.shape == log_p.shape
+        rel = scale / unit
+        if slope and fresh and full and deriv is value:  # (g = p) coef p: the sum's and slope's
+            assert coef is not None
+            prod = coef.mul_(value)
+            rows = _sum_rows(rows, _scaled(prod.sum(dim=1), scale))
+            grad = _add_scaled(grad, prod, rel)
+            continue
+        own_value = value is not p and (value is not log_p or i == last_log_p)
+        if coef is None:
+            part = value.sum(dim=1)
+        elif full and own_value:  # (g's own result, or log_p after its last use: reusable)
+            part = value.mul_(coef).sum(dim=1)
+        else:
+            part = _class_sum(value, coef)
+        rows = _sum_rows(rows, _scaled(part, scale))
+        if not slope:
+            continue
+        assert deriv is not None
+        if isinstance(deriv, Tensor) and deriv is not p and deriv is not log_p and (
+            grad is None or coef is None
+        ):  # g's own, full-sized slope
+            grad = _add_scaled(grad, deriv if coef is None else deriv.mul_(coef), rel)
+        elif grad is None and full:
+            assert coef is not None
+            grad = _add_scaled(None, coef.mul_(deriv) if fresh else torch.mul(coef, deriv), rel)
+        else:
+            if grad is None and coef is None and isinstance(deriv, Tensor):
+                grad = deriv * rel
+                continue
+            if grad is None:
+                grad = torch.zeros_like(log_p)
+            if coef is None and isinstance(deriv, Tensor):
+                grad.add_(deriv, alpha=rel)
+            elif coef is None:
+                grad.add_(deriv * rel)
+            elif isinstance(deriv, Tensor):
+                grad.addcmul_(coef, deriv, value=rel)
+            else:
+                grad.add_(coef, alpha=deriv * rel)
+    assert rows is not None
+    if z is not None:
+        z_coef, log_z = z
+        rows = rows + z_coef * log_z.square()
+    if out is None:
+        return rows
+    if grad is None:
+        grad = torch.zeros_like(log_p)
+    if k is not None and (isinstance(at_y, Tensor) or at_y != 0.0):
+        at_y = torch.as_tensor(at_y, dtype=grad.dtype, device=grad.device) / unit
+        grad.scatter_add_(1, k, at_y.expand(k.shape))
+    if project:  # through log_softmax: g_x = g - p sum(g) (+ the z-loss's 2 c log Z p)
+        total = grad.sum(dim=1)
+        if z is not None:
+            total = total - (2.0 / unit) * z_coef * log_z
+        torch.addcmul(grad, p, total.unsqueeze(1), value=-1.0, out=out)
+    else:
+        out.copy_(grad)
+    return rows
+
+
+def _softmax_pair(x: Tensor, log_z: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(p, x - max, log p_max, log Z)`` along dim 1: softmax with one pass of exponentials,
+    and what gives its log, ``log p = (x - max) + log p_max`` (``p_max >= 1/C``, so its log is
+    exact to rounding), and ``log Z = max - log p_max`` if asked for (the last two of shape
+    (N, ...))."""
+    p = F.softmax(x, dim=1)
+    top = x.amax(dim=1, keepdim=True)
+    log_p_max = p.amax(dim=1).log_()
+    return p, x - top, log_p_max, top.squeeze(1) - log_p_max if log_z else None
+
+
+def _block_cross_entropy(
+    x: Tensor, scale: float, coef: Tensor | None, rows: Tensor, out: Tensor | None,
+    z_coef: Tensor | float | None = None,
+) -> Tensor:
+    """``scale * sum_c T_c log_softmax(x)_c`` for each row of a block of logits (``T`` =
+    ``coef``, or 1; plus the z-loss ``z_coef log Z**2``) into ``rows`` and, into ``out``, its
+    gradient divided by ``scale``, ``T - p (sum_c T_c - 2 z_coef log Z / scale)``. Returns
+    ``sum_c T_c``. log p is never materialised: the rows are ``sum_c T_c (x - max)_c +
+    log p_max sum_c T_c``."""
+    t = x.new_ones(()) if coef is None else coef
+    p, shifted, log_p_max, log_z = _softmax_pair(x, z_coef is not None)
+    total = t.sum(dim=1) if t.shape == x.shape else t.expand_as(x).sum(dim=1)
+    shifted = shifted.mul_(t) if shifted.shape == t.shape else shifted * t
+    part = torch.addcmul(shifted.sum(dim=1), log_p_max, total)
+    slope = total
+    if z_coef is None:
+        torch.mul(part, scale, out=rows)
+    else:
+        assert log_z is not None
+        torch.add(z_coef * log_z.square(), part, alpha=scale, out=rows)
+        slope = total - (2.0 / scale) * z_coef * log_z
+    if out is not None:
+        torch.addcmul(t, p, slope.unsqueeze(1), value=-1.0, out=out)
+    return total
+
+
+class _TargetStats:
+    """The smallest entry and the row sums of a target, gathered by `_RowTerms` block by block
+    while the blocks are in cache (for validation, without two more passes over memory)."""
+
+    def __init__(self, target: Tensor) -> None:
+        self.target = target
+        self.minima: list[Tensor] = []
+        self.sums: list[Tensor] = []
+
+    def add(self, lo: int, hi: int, sums: Tensor | None = None) -> None:
+        """Rows lo:hi; ``sums`` are their row sums if already known."""
+        block = self.target[lo:hi]
+        self.minima.append(block.amin())
+        self.sums.append(block.sum(dim=1) if sums is None else sums)
+
+    def result(self) -> tuple[Tensor, Tensor] | None:
+        """``(minimum, row sums)``, or None if no block was seen (no rows)."""
+        if not self.minima:
+            return None
+        return torch.stack(self.minima).amin(), torch.cat(self.sums)
+
+
+def _terms_by_block(
+    source: Tensor, log_probs: Tensor | None, terms: Sequence[_Term], index: Tensor | None,
+    project: bool, slope: bool, stats: _TargetStats | None = None,
+    z_coef: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor | None, float]:
+    """`_block_terms` over blocks of rows: (rows, their gradient divided by the returned
+    scale). p = softmax(log p) for the given ``log_probs``; without them, both come from the
+    logits ``source`` (`_softmax_pair`), and a lone cross-entropy term (a sum over the classes
+    of ``coef log p``) takes `_block_cross_entropy`, which needs no log p. ``stats`` gathers
+    its target's statistics. ``z_coef`` (from the logits only) adds the z-loss, ``z_coef log
+    Z**2`` for each row (a number or (N, ...))."""
+    assert z_coef is None or log_probs is None
+    base = source if log_probs is None else log_probs
+    n = base.shape[0]
+    rows = base.new_empty((n, *base.shape[2:]))
+    grad = torch.empty_like(base) if slope else None
+    parts = _parts(terms)
+    unit = _unit(parts)
+    step = max(1, _BLOCK_ELEMENTS // max(1, base.numel() // max(1, n)))
+    cross_entropy = (
+        log_probs is None and len(parts) == 1 and parts[0].g is _g_log_p and parts[0].dense
+        and parts[0].scale != 0.0 and parts[0].at_target is None
+        and not any(isinstance(f, _Lazy) for f in parts[0].tensors)
+    )
+    # (a lone cross-entropy term whose only tensor factor is the target: its sums are the rows')
+    same = cross_entropy and stats is not None and len(parts[0].tensors) == 1 and (
+        parts[0].tensors[0] is stats.target
+    )
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        if stats is not None and not same:  # first, so that the block is in cache for the terms
+            stats.add(lo, hi)
+        out = None if grad is None else grad[lo:hi]
+        z_rows = _row_slice(z_coef, lo, hi, n)
+        if cross_entropy:
+            coef = _block_coefficient(parts[0].tensors, lo, hi, n)[0]
+            sums = _block_cross_entropy(source[lo:hi], unit, coef, rows[lo:hi], out, z_rows)
+            if same:
+                assert stats is not None
+                stats.add(lo, hi, sums)
+            continue
+        z = None
+        if log_probs is None:
+            p, log_p, log_p_max, log_z = _softmax_pair(source[lo:hi], z_rows is not None)
+            log_p = log_p.add_(log_p_max.unsqueeze(1))
+            z = None if z_rows is None or log_z is None else (z_rows, log_z)
+        else:
+            log_p = log_probs[lo:hi]
+            p = F.softmax(log_p, dim=1)
+        index_rows = _row_slice(index, lo, hi, n)
+        rows[lo:hi] = _block_terms(
+            log_p, p, parts, (lo, hi, n), index_rows, project, out, unit, z, log_probs is None
+        )
+    return rows, grad, unit
+
+
 class _RowTerms(torch.autograd.Function):
-    """``rows = row_coef * sum_c value(log p, p)_c - scale * log p_y``, hand-differentiated.
+    """Per-row sums of `_Term` s, hand-differentiated, for the losses that need the
+    probabilities of every class (soft targets, label smoothing, the confidence penalty).
 
-    For the losses that need the probabilities of every class (soft targets, the confidence
-    penalty): ``value`` and ``derivative`` are elementwise functions of ``log p`` and
-    ``p = softmax(log p)`` (the cheapest way to p on CPU; log p is already normalised), the
-    derivative being ``d value / d log p``. Fusing them saves autograd's intermediates, which
-    roughly halves the cost of these paths. The optional ``index``/``scale`` add the
-    class-index cross-entropy term ``-scale * log p_y`` to the same backward pass.
-
-    ``source`` is what the gradient is returned for: ``log p`` itself, or the logits whose
-    log_softmax ``log p`` is (``project=True``); then the backward applies log_softmax's
-    Jacobian itself, ``g_x = g - p sum(g)``, with the p saved in the forward, and log_softmax's
-    own backward (another pass of exponentials) never runs. No gradient flows to the targets
-    or weights captured by ``value``/``derivative``; differentiable once (no double backward).
+    The forward works through blocks of rows (`_BLOCK_ELEMENTS`), so that p, the terms and their
+    slopes are cache-sized temporaries, and it also writes each row's gradient, since ``d row /
+    d logits`` does not depend on the incoming gradient: the backward only scales it, in place.
+    ``source`` is what the gradient is for: the logits (``project=True``: their log_softmax is
+    ``log_probs``, or is computed block by block when that is None), whose gradient is
+    ``g - p sum(g)`` for the gradient ``g`` with respect to ``log p``, with no log_softmax
+    backward; or ``log_probs`` itself (``project=False``). No gradient flows to the tensors the
+    terms hold (targets, weights). ``stats`` gathers its target's statistics on the way. A
+    second backward through a retained graph recomputes the gradient; a backward with
+    ``create_graph=True`` differentiates a plain autograd rerun, so higher derivatives work.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         source: Tensor,
-        log_probs: Tensor,
-        value: Any,
-        derivative: Any,
+        log_probs: Tensor | None,
+        terms: Sequence[_Term],
         index: Tensor | None,
-        scale: Tensor | float,
-        row_coef: Tensor | float,
         project: bool,
+        stats: _TargetStats | None = None,
+        z_coef: Tensor | float | None = None,
     ) -> Tensor:
-        p = F.softmax(log_probs, dim=1)
-        ctx.save_for_backward(log_probs, p)
-        ctx.derivative, ctx.index, ctx.scale = derivative, index, scale
-        ctx.row_coef, ctx.project = row_coef, project
-        rows = value(log_probs, p).sum(dim=1)
-        if not isinstance(row_coef, float) or row_coef != 1.0:
-            rows = rows * row_coef
-        if index is not None:
-            rows = rows - scale * log_probs.gather(1, index.unsqueeze(1)).squeeze(1)
+        slope = bool(ctx.needs_input_grad[0])
+        rows, grad, scale = _terms_by_block(
+            source, log_probs, terms, index, project, slope, stats, z_coef
+        )
+        ctx.save_for_backward(source)
+        ctx.log_probs, ctx.terms, ctx.index, ctx.project = log_probs, terms, index, project
+        ctx.grad, ctx.scale, ctx.z_coef = grad, scale, z_coef
         return rows
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        log_probs, p = ctx.saved_tensors
-        d = ctx.derivative(log_probs, p).mul_((grad * ctx.row_coef).unsqueeze(1))
-        if ctx.index is not None:
-            d.scatter_add_(1, ctx.index.unsqueeze(1), (-ctx.scale * grad).unsqueeze(1))
-        if ctx.project:
-            d.addcmul_(p, d.sum(dim=1, keepdim=True), value=-1.0)
-        return (d, *(None,) * 7)
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
+        (source,) = ctx.saved_tensors
+        nones = (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True: differentiate an autograd rerun
+            log_p = F.log_softmax(source, dim=1) if ctx.project else source
+            n = len(source)
+            z = None
+            if ctx.z_coef is not None:
+                z = (ctx.z_coef, torch.logsumexp(source, dim=1))
+            rows = _block_terms(
+                log_p, log_p.exp(), _parts(ctx.terms), (0, n, n), ctx.index, False, None, 1.0, z
+            )
+            (grad,) = torch.autograd.grad(rows, source, grad_rows, create_graph=True)
+            return grad, *nones
+        grad, ctx.grad = ctx.grad, None  # the gradient tensor is handed on, scaled in place
+        scale = ctx.scale
+        if grad is None:  # a second backward through a retained graph
+            _, grad, scale = _terms_by_block(
+                source, ctx.log_probs, ctx.terms, ctx.index, ctx.project, True, None, ctx.z_coef
+            )
+        assert grad is not None
+        return grad.mul_((grad_rows * scale).unsqueeze(1)), *nones
+
+
+def _focal_powers(u: Tensor, gamma: float) -> tuple[Tensor | None, Tensor]:
+    """``(u**(gamma - 1), u**gamma)`` for ``u = 1 - p`` already clamped below at the smallest
+    normal number (`_focal_base`); None stands for ``u**0``, and ``u**1`` is ``u`` itself;
+    integer gammas avoid ``pow``. Out of place."""
+    if gamma == 1.0:
+        return None, u
+    if gamma == 2.0:
+        return u, u * u
+    lower = u.pow(gamma - 1.0)
+    return lower, lower * u
+
+
+def _focal_base(u: Tensor) -> Tensor:
+    """``u = 1 - p`` clamped below at the smallest normal number, so that ``u**(gamma - 1)``
+    stays finite for gamma < 1 (it multiplies ``log p = 0`` there). Out of place."""
+    return u.clamp_min(torch.finfo(u.dtype).tiny)
+
+
+class _FocalTerm:
+    """g = (1 - p)**gamma log p (focal loss), with slope ``u**(gamma - 1) (u - gamma p log p)``,
+    u = 1 - p (not -expm1: only the absolute error matters in these products)."""
+
+    def __init__(self, gamma: float) -> None:
+        self.gamma = gamma
+
+    def __call__(self, log_p: Tensor, p: Tensor, slope: bool) -> tuple[Tensor, Tensor | None]:
+        u = torch.rsub(p, 1.0).clamp_min_(torch.finfo(p.dtype).tiny)  # (`_focal_base`)
+        lower, power = _focal_powers(u, self.gamma)
+        deriv = None
+        if slope:
+            deriv = torch.addcmul(u, p, log_p, value=-self.gamma)
+            deriv = deriv if lower is None else deriv.mul_(lower)
+        if torch.is_grad_enabled():  # (an autograd rerun: out of place)
+            return power * log_p, deriv
+        return power.mul_(log_p), deriv  # (power: fresh, or u after its last use)
+
+
+def _apply_row_terms(
+    source: Tensor, log_probs: Tensor | None, terms: Sequence[_Term], index: Tensor | None,
+    project: bool, stats: _TargetStats | None = None, z_coef: Tensor | float | None = None,
+) -> Tensor:
+    """`_RowTerms` where a gradient will be wanted; else its rows alone (no gradient work)."""
+    if torch.is_grad_enabled() and source.requires_grad:
+        return _RowTerms.apply(source, log_probs, terms, index, project, stats, z_coef)
+    return _terms_by_block(source, log_probs, terms, index, project, False, stats, z_coef)[0]
+
+
+class _Target(NamedTuple):
+    """A target distribution ``t = dense + index_weight * one_hot(index)``, for the built-in
+    variants: probabilities (``dense`` (N, C, ...), no index), class indices under label
+    smoothing (``dense`` = eps / C, ``index_weight`` = 1 - eps), so that smoothing never
+    materialises an (N, C) target, or plain class indices (``dense`` None)."""
+
+    dense: Tensor | float | None
+    index: Tensor | None = None
+    index_weight: float = 1.0
+
+    def term(self, g: Elementwise, vec: Tensor | None, scale: float, like: Tensor) -> _Term:
+        """``scale * sum_c vec_c t_c g_c`` (``vec``: per-class factors (C,), or None) as a
+        `_Term`."""
+        view = None if vec is None else _class_view(vec, like)
+        factors: tuple[Tensor | float, ...] = ()
+        if self.dense is not None:
+            factors = tuple(f for f in (scale, self.dense, view) if f is not None)
+        at: Tensor | float | None = None
+        if self.index is not None:
+            at = scale * self.index_weight
+            if vec is not None:
+                at = vec.take(self.index) * at
+        return _Term(g, factors, at)
+
+    def total(self, vec: Tensor | None, like: Tensor) -> Tensor | float:
+        """Each row's ``sum_c vec_c t_c`` (``sum_c t_c`` without ``vec``)."""
+        out: Tensor | float = 0.0
+        if isinstance(self.dense, Tensor):
+            out = _class_sum(self.dense, 1.0 if vec is None else _class_view(vec, like))
+        elif self.dense is not None:
+            out = self.dense * (like.shape[1] if vec is None else vec.sum())
+        if self.index is not None:
+            out = out + self.index_weight * (1.0 if vec is None else vec.take(self.index))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,13 +801,22 @@ class CrossEntropyLoss(nn.Module):
     """
 
     weight: Tensor | None
-    # (log_softmax output, its input) during a generic-path call, for `_row_terms`.
-    _softmax_input: tuple[Tensor, Tensor] | None = None
+    # During a generic-path call, for `_row_terms`: (log_softmax output, or None where the
+    # log-probabilities are left to `_RowTerms`; its input; target statistics waiting to be
+    # gathered, or None; the z-loss coefficient of each row waiting to be added, or None).
+    _softmax_input: (
+        tuple[Tensor | None, Tensor, _TargetStats | None, Tensor | float | None] | None
+    ) = None
     # (weak reference, version) of the weights that last passed validation.
     _checked_weight: tuple[Any, int] | None = None
     # False for losses that are defined for class indices only: probability targets and label
     # smoothing (which turns indices into probabilities) are then rejected with a ValueError.
     supports_soft_targets: ClassVar[bool] = True
+    # Whether probabilities and smoothing go to `_soft_loss` (see there); set for each subclass.
+    _fused_soft: ClassVar[bool] = False
+    # Whether the formula needs every class's probability for class indices as well (then
+    # those go to `_soft_loss` too, from the logits).
+    _index_needs_probs: ClassVar[bool] = False
     # Small per-class buffers that module dtype casts leave alone and that a checkpoint may
     # resize (they are empty placeholders until set_class_counts); subclasses add theirs.
     _class_buffers: ClassVar[tuple[str, ...]] = ("weight",)
@@ -521,6 +986,22 @@ class CrossEntropyLoss(nn.Module):
             nll = nll * weight.take(target)
         return nll
 
+    def _soft_loss(self, log_probs: Tensor, target: _Target, weight: Tensor | None) -> Tensor:
+        """Per-sample loss against a `_Target`, with the `per_sample_loss` formula, by way of
+        `_row_terms` (a `_RowTerms`): label smoothing of class indices is taken apart (eps / C
+        on every class plus 1 - eps on the target) instead of materialising an (N, C) target,
+        and ``log_probs`` may be the logits themselves (see `_row_terms`). Used only where the
+        class that defines the `per_sample_loss` in use also defines this method
+        (``_fused_soft``), so that a subclass's own `per_sample_loss` is what runs. The base
+        class's (cross-entropy) serves the base formula with a z-loss (see `_generic_loss`)."""
+        term = target.term(_g_log_p, weight, -1.0, log_probs)  # -sum_c w_c t_c log p_c
+        return self._row_terms(log_probs, [term], target.index)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        owner = next(k for k in cls.__mro__ if "per_sample_loss" in vars(k))
+        cls._fused_soft = owner is not CrossEntropyLoss and "_soft_loss" in vars(owner)
+
     # ---- computation ----------------------------------------------------------------------
 
     def _uses_fast_path(self) -> bool:
@@ -528,8 +1009,9 @@ class CrossEntropyLoss(nn.Module):
 
     def _compute(
         self, logits: Tensor, target: Tensor, reduction: str, need_denominator: bool
-    ) -> tuple[Tensor, Tensor | None, float | None]:
-        """Validate (if enabled), cast, and compute the "sum"/"none" loss and the denominator.
+    ) -> tuple[Tensor | None, Tensor | None, float | None]:
+        """Validate (if enabled), cast, and compute the "sum"/"none" loss and the denominator
+        (or torch's own "mean", see `_direct_mean`: None then if every target is ignored).
 
         Returns ``(loss, denominator, denominator value)``; the value (a Python float) is read
         in validation's host sync when a denominator is needed, and is None without validation.
@@ -559,20 +1041,23 @@ class CrossEntropyLoss(nn.Module):
         x = logits.to(ctype)
         t = target.to(ctype) if target.is_floating_point() else target.long()
         w = None if weight is None else weight.to(device=x.device, dtype=ctype)
-        valid = None if t.is_floating_point() else t != self.ignore_index
+        soft = t.is_floating_point()
+        off_cpu = x.device.type not in self._index_checking_devices
+        # the non-ignored targets, where they are needed (not for torch's mean on the CPU)
+        valid = None if soft or not (need_denominator or off_cpu) else t != self.ignore_index
         if not self.validate:
-            loss = self._loss(x, t, w, reduction)
-            denominator = self._denominator(x, t, w, valid) if need_denominator else None
+            loss, denominator = self._loss(x, t, w, reduction)
+            if need_denominator and denominator is None:
+                denominator = self._denominator(x, t, w, valid)
             return loss, denominator, None
 
         checks: list[Tensor] = []  # boolean scalars, True where a check failed
         t_safe = t
-        if valid is None:
-            tol = max(SOFT_TARGET_TOLERANCE, torch.finfo(target.dtype).eps)
-            if t.numel():
-                checks.append(t.amin() < 0)  # a reduction: no (N, C) temporary
-            checks.append(~((t.sum(dim=1) - 1.0).abs() <= tol).all())  # NaN rows count as bad
-        elif x.device.type not in self._index_checking_devices:
+        stats = None
+        if soft:  # the fused path gathers the targets' statistics as it reads them
+            stats = _TargetStats(t)
+        elif off_cpu:
+            assert valid is not None
             bad_target = valid & (t.clamp(0, x.shape[1] - 1) != t)
             checks.append(bad_target.any())
             t_safe = torch.where(bad_target, self.ignore_index, t)
@@ -582,10 +1067,11 @@ class CrossEntropyLoss(nn.Module):
             assert w is not None
             checks.append(~(torch.isfinite(w).all() & (w >= 0).all() & (w.sum() > 0)))
         try:
-            loss = self._loss(x, t_safe, w, reduction)
-            denominator = self._denominator(x, t_safe, w, valid) if need_denominator else None
+            loss, denominator = self._loss(x, t_safe, w, reduction, stats)
+            if need_denominator and denominator is None:
+                denominator = self._denominator(x, t_safe, w, valid)
         except (IndexError, RuntimeError):
-            if valid is not None and t_safe is t:  # a CPU kernel met a bad class index
+            if not soft and t_safe is t:  # a CPU kernel met a bad class index
                 self._check_class_indices(t, x.shape[1])
             raise
         # Non-finite logits show up in the loss (NaN/+inf anywhere in a non-ignored row, -inf
@@ -593,13 +1079,29 @@ class CrossEntropyLoss(nn.Module):
         status = loss.detach() if loss.dim() == 0 else loss.detach().sum()
         for failed in checks:
             status = torch.where(failed, math.nan, status)
-        if denominator is None:
-            status_value, denominator_value = status.item(), None  # the single host sync
-        else:  # the single host sync, which also reads the denominator for the mean
-            status_value, denominator_value = torch.stack(
-                [status, denominator.to(status.dtype)]
-            ).tolist()
-        if not math.isfinite(status_value):
+        reads = [status]  # what the single host sync reads
+        if denominator is not None:  # (for the mean)
+            reads.append(denominator.to(status.dtype))
+        if stats is not None:  # probability targets: their smallest entry, worst row sum
+            seen = stats.result()
+            minimum, row_sums = seen if seen is not None else (None, t.sum(dim=1))
+            if minimum is None:
+                minimum = t.amin() if t.numel() else status.new_zeros(())
+            deviation = (row_sums - 1.0).abs()
+            reads += [minimum, deviation.amax() if deviation.numel() else minimum.new_zeros(())]
+        values = [reads[0].item()] if len(reads) == 1 else torch.stack(reads).tolist()
+        status_value = values[0]
+        denominator_value = values[1] if denominator is not None else None
+        targets_ok = True
+        if stats is not None:  # non-negative, rows summing to 1 (NaN fails both)
+            tol = max(SOFT_TARGET_TOLERANCE, torch.finfo(target.dtype).eps)
+            targets_ok = values[-2] >= 0.0 and values[-1] <= tol
+        if not (targets_ok and math.isfinite(status_value)):
+            if targets_ok and reduction == "mean" and not any(bool(c) for c in checks):
+                if valid is None:
+                    valid = t_safe != self.ignore_index
+                if float(self._denominator(x, t_safe, w, valid)) == 0.0:
+                    return None, None, None  # every target ignored: torch's mean is nan
             self._raise_value_error(x, t, w, target.dtype, loss)
         if check_weight:  # passed: skip the check until the weights change
             self._checked_weight = (weakref.ref(weight), weight._version)
@@ -623,73 +1125,146 @@ class CrossEntropyLoss(nn.Module):
             and checked[1] == weight._version
         )
 
-    def _loss(self, x: Tensor, t: Tensor, w: Tensor | None, reduction: str) -> Tensor:
-        """Loss with reduction "sum" or "none" (the mean is built from sum and denominator)."""
+    def _loss(
+        self, x: Tensor, t: Tensor, w: Tensor | None, reduction: str,
+        stats: _TargetStats | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Loss with reduction "sum" or "none" (the mean is built from sum and denominator;
+        see `_direct_mean` for the exception), and the mean's denominator where torch's kernel
+        provides it (else None). ``stats`` (probability targets) is filled in where the fused
+        path reads the targets."""
         offset = self.logit_offset(x)
         adjusted = x if offset is None else x + _class_view(offset.to(x.dtype), x)
-        # The z-loss reuses the log-softmax of the generic path (its log Z costs two gathers
-        # instead of a logsumexp pass), so without a logit offset it takes the generic path.
+        denominator = None
+        # Without a logit offset the z-loss takes the generic path, where its log Z costs no
+        # logsumexp pass (two gathers from the log-softmax, or a by-product of `_RowTerms`).
         if self._uses_fast_path() and not (self.z_loss > 0.0 and offset is None):
-            loss = F.cross_entropy(
-                adjusted,
-                t,
-                weight=w,
-                ignore_index=self.ignore_index,
-                reduction=reduction,
-                label_smoothing=self.label_smoothing,
-            )
+            if t.is_floating_point() and not t.requires_grad and x.shape[1] > 0:
+                rows = self._probability_cross_entropy(adjusted, t, w, stats)
+                loss = rows.sum() if reduction == "sum" else rows
+            elif self._torch_weight_sum(x, t, w) and reduction == "sum":
+                # the sum and torch's own weight sum, over which torch's mean is bitwise this
+                loss, denominator = torch.ops.aten.nll_loss_forward(
+                    F.log_softmax(adjusted, dim=1), t, w, _REDUCTION_SUM, self.ignore_index
+                )
+            else:
+                loss = F.cross_entropy(
+                    adjusted,
+                    t,
+                    weight=w,
+                    ignore_index=self.ignore_index,
+                    reduction=reduction,
+                    label_smoothing=self.label_smoothing,
+                )
             if self.z_loss > 0.0:
                 z = self._masked(self._z_rows(torch.logsumexp(x, dim=1), t, w), t)
                 loss = loss + (z.sum() if reduction == "sum" else z)
-            return loss
-        return self._generic_loss(x, adjusted, t, w, reduction)
+            return loss, denominator
+        return self._generic_loss(x, adjusted, t, w, reduction, stats), None
+
+    def _torch_weight_sum(self, x: Tensor, t: Tensor, w: Tensor | None) -> bool:
+        """Whether the mean's denominator is torch's own sum of the targets' class weights
+        (the fast path on (N, C) logits, class indices, weights and no smoothing), so that
+        the mean is torch's, bitwise, whether it is computed by torch (`_direct_mean`) or as
+        `loss_terms`' sum over denominator (which rounds the same way only so)."""
+        return (
+            w is not None and x.dim() == 2 and not t.is_floating_point()
+            and self.label_smoothing == 0.0
+        )
+
+    def _probability_cross_entropy(
+        self, x: Tensor, t: Tensor, w: Tensor | None, stats: _TargetStats | None = None
+    ) -> Tensor:
+        """``F.cross_entropy(x, t, reduction="none")`` for probability targets ``t``, fused:
+        `_RowTerms` from the logits, block by block, so it keeps one (N, C) tensor (the
+        gradient) where torch's keeps four, and has one pass of exponentials where torch's has
+        two; that leaves room for validating the targets within torch's time. Gradients
+        flow to the logits only (targets that require grad take ``F.cross_entropy``)."""
+        eps = self.label_smoothing
+        soft = t if eps == 0.0 else t * (1.0 - eps) + eps / x.shape[1]
+        term = _Target(soft).term(_g_log_p, w, -1.0, x)
+        return _apply_row_terms(x, None, [term], None, True, stats)
 
     def _generic_loss(
-        self, x: Tensor, adjusted: Tensor, t: Tensor, w: Tensor | None, reduction: str
+        self, x: Tensor, adjusted: Tensor, t: Tensor, w: Tensor | None, reduction: str,
+        stats: _TargetStats | None = None,
     ) -> Tensor:
         """log_softmax + `per_sample_loss` (+ z-loss), with smoothing and ignore handled here.
-        ``adjusted`` is ``x`` plus the `logit_offset` (or ``x`` itself)."""
-        log_probs = F.log_softmax(adjusted, dim=1)
-        self._softmax_input = (log_probs, adjusted)
+        ``adjusted`` is ``x`` plus the `logit_offset` (or ``x`` itself).
+
+        Where a `_soft_loss` computes the whole loss (`_fused_target`), the log-probabilities
+        are never materialised: its `_RowTerms` work from the logits, block by block, and add
+        the z-loss as well (without a logit offset: the z-loss is of the raw logits). That is
+        also the path of the base formula with a z-loss, whose log Z then costs nothing."""
+        safe = None if t.is_floating_point() else torch.where(t != self.ignore_index, t, 0)
+        z_in_rows = self.z_loss > 0.0 and adjusted is x
+        base_with_z = z_in_rows and self._uses_fast_path()
+        target = None
+        if self._fused_soft or base_with_z:
+            target = self._fused_target(t, safe, x.shape[1])
+        from_logits = target is not None and (self.z_loss == 0.0 or z_in_rows)
+        log_probs = None if from_logits else F.log_softmax(adjusted, dim=1)
+        z_coef = self.z_loss * self._z_weight(t, safe, w) if from_logits and z_in_rows else None
+        self._softmax_input = (log_probs, adjusted, stats, z_coef)
         try:
-            return self._generic_terms(x, adjusted, log_probs, t, w, reduction)
+            return self._generic_terms(x, adjusted, log_probs, target, t, safe, w, reduction)
         finally:
             self._softmax_input = None
+
+    def _fused_target(self, t: Tensor, safe: Tensor | None, num_classes: int) -> _Target | None:
+        """The target for `_soft_loss`, where it computes the whole loss: probabilities (unless
+        they require grad, which `_RowTerms` drops), label-smoothed class indices, and class
+        indices where the formula needs every class's probability anyway
+        (``_index_needs_probs``); None elsewhere."""
+        eps = self.label_smoothing
+        if safe is None:
+            if t.requires_grad:
+                return None
+            return _Target(t if eps == 0.0 else t * (1.0 - eps) + eps / num_classes)
+        if eps > 0.0:  # eps / C + (1 - eps) one_hot, taken apart by the formula
+            return _Target(eps / num_classes, safe, 1.0 - eps)
+        return _Target(None, safe) if self._index_needs_probs else None
 
     def _generic_terms(
         self,
         x: Tensor,
         adjusted: Tensor,
-        log_probs: Tensor,
+        log_probs: Tensor | None,
+        target: _Target | None,
         t: Tensor,
+        safe: Tensor | None,
         w: Tensor | None,
         reduction: str,
     ) -> Tensor:
         num_classes = x.shape[1]
         eps = self.label_smoothing
-        if t.is_floating_point():
-            soft = t if eps == 0.0 else t * (1.0 - eps) + eps / num_classes
-            per = self.per_sample_loss(log_probs, soft, w)
+        if target is not None:
+            per = self._soft_loss(adjusted if log_probs is None else log_probs, target, w)
         else:
-            safe = torch.where(t != self.ignore_index, t, 0)
-            if eps == 0.0 and self.z_loss > 0.0 and adjusted is x and self._uses_fast_path():
+            assert log_probs is not None
+            if safe is None:
+                soft = t if eps == 0.0 else t * (1.0 - eps) + eps / num_classes
+                per = self.per_sample_loss(log_probs, soft, w)
+            elif eps == 0.0 and self.z_loss > 0.0 and adjusted is x and self._uses_fast_path():
                 # cross-entropy + z-loss: -log p_y and log Z = x_y - log p_y share one gather
                 log_p = log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
                 log_z = x.gather(1, safe.unsqueeze(1)).squeeze(1) - log_p
                 per = -log_p if w is None else -log_p * w.take(safe)
                 per = self._masked(per + self._z_rows(log_z, t, w), t)
                 return per.sum() if reduction == "sum" else per
-            if eps == 0.0:
+            elif eps == 0.0:
                 per = self.per_sample_loss(log_probs, safe, w)
             else:  # (1 - eps) * one_hot + eps / C, without materialising the one-hot
                 smoothed = torch.full_like(log_probs, eps / num_classes)
                 smoothed.scatter_(1, safe.unsqueeze(1), 1.0 - eps + eps / num_classes)
                 per = self.per_sample_loss(log_probs, smoothed, w)
-        if self.z_loss > 0.0:
-            if adjusted is not x:  # log_probs are of the shifted logits: log Z from scratch
+        pending = self._softmax_input  # (a z-loss taken by `_RowTerms` is already in per)
+        z_added = log_probs is None and pending is not None and pending[3] is None
+        if self.z_loss > 0.0 and not z_added:
+            if adjusted is not x or log_probs is None:  # log Z of the raw logits from scratch
                 log_z = torch.logsumexp(x, dim=1)
             else:  # (probability targets: column 0, for want of a target index)
-                k = safe if not t.is_floating_point() else torch.zeros_like(per, dtype=torch.long)
+                k = safe if safe is not None else torch.zeros_like(per, dtype=torch.long)
                 log_z = _log_partition(x, log_probs, k)
             per = per + self._z_rows(log_z, t, w)
         per = self._masked(per, t)
@@ -705,38 +1280,54 @@ class CrossEntropyLoss(nn.Module):
     def _z_rows(self, log_z: Tensor, t: Tensor, w: Tensor | None) -> Tensor:
         """Per-row ``z_loss * log_z**2 * row weight`` (ignored rows are masked by the caller).
 
-        The row weight is the class weight of the row's target, ``w[y]`` (with label smoothing
-        too, so that under "mean" the z term is the average weighted exactly like the mean's
-        denominator), or ``sum_c w_c t_c`` for probability targets; 1 without weights.
-        ``log_z`` is finite for finite logits (it is computed after subtracting the row
-        maximum): at logits of +-1e4, log Z ~ 1e4 and its square 1e8, far from overflow.
+        The row weight (`_z_weight`) is the class weight of the row's target, ``w[y]`` (with
+        label smoothing too, so that under "mean" the z term is the average weighted exactly
+        like the mean's denominator), or ``sum_c w_c t_c`` for probability targets; 1 without
+        weights. ``log_z`` is finite for finite logits (it is computed after subtracting the
+        row maximum): at logits of +-1e4, log Z ~ 1e4 and its square 1e8, far from overflow.
         """
-        z = self.z_loss * log_z.square()
+        safe = None
+        if w is not None and not t.is_floating_point():
+            safe = torch.where(t != self.ignore_index, t, 0)
+        return self._z_weight(t, safe, w) * self.z_loss * log_z.square()
+
+    def _z_weight(self, t: Tensor, safe: Tensor | None, w: Tensor | None) -> Tensor | float:
+        """The z-loss's row weight (see `_z_rows`); ``safe``: the class indices with the
+        ignored ones replaced by 0 (None for probabilities)."""
         if w is None:
-            return z
-        if t.is_floating_point():
-            return z * _row_weight(t, w)
-        return z * w.take(torch.where(t != self.ignore_index, t, 0))
+            return 1.0
+        if safe is None:
+            row_w = _row_weight(t, w)
+            assert row_w is not None
+            return row_w
+        return w.take(safe)
 
     def _row_terms(
-        self,
-        log_probs: Tensor,
-        value: Any,
-        derivative: Any,
-        index: Tensor | None = None,
-        scale: Tensor | float = 1.0,
-        row_coef: Tensor | float = 1.0,
+        self, like: Tensor, terms: Sequence[_Term], index: Tensor | None = None
     ) -> Tensor:
-        """`_RowTerms` on ``log_probs``; when they are this call's log_softmax of the logits
-        (what `per_sample_loss` receives), its gradient goes straight to the logits."""
+        """`_RowTerms` for `_soft_loss`, whose ``like`` is what `_generic_terms` handed it: this
+        call's logits (the log-probabilities are then computed block by block, and the z-loss
+        waiting in `_softmax_input` is added) or their log_softmax, whose gradient then goes
+        straight to the logits; anything else is taken as log-probabilities of the caller's
+        own making. The targets' statistics waiting for validation are gathered on the way if
+        a term holds the target."""
         current = self._softmax_input
-        if current is not None and current[0] is log_probs and current[1].requires_grad:
-            source, project = current[1], True
-        else:
-            source, project = log_probs, False
-        return _RowTerms.apply(
-            source, log_probs.detach(), value, derivative, index, scale, row_coef, project
+        if current is None:
+            return _apply_row_terms(like, like.detach(), terms, index, False)
+        log_probs, logits, stats, z_coef = current
+        held = (
+            (f.tensor if isinstance(f, _Lazy) else f) for term in terms for f in term.factors
         )
+        if stats is None or not any(f is stats.target for f in held):
+            stats = None
+        if log_probs is None and like is logits:
+            self._softmax_input = (log_probs, logits, None, None)  # (each taken once)
+            return _apply_row_terms(logits, None, terms, index, True, stats, z_coef)
+        if stats is not None:
+            self._softmax_input = (log_probs, logits, None, z_coef)
+        if like is log_probs and logits.requires_grad:
+            return _apply_row_terms(logits, like.detach(), terms, index, True, stats)
+        return _apply_row_terms(like, like.detach(), terms, index, False, stats)
 
     def logit_offset(self, logits: Tensor) -> Tensor | None:
         """Extension point: a per-class offset (C,) added to the logits before the softmax of
@@ -766,15 +1357,34 @@ class CrossEntropyLoss(nn.Module):
         summing each term over ranks and dividing gives the exact global mean.
         """
         loss_sum, denominator, _ = self._compute(logits, target, "sum", need_denominator=True)
-        assert denominator is not None
+        assert loss_sum is not None and denominator is not None
         return loss_sum, denominator
+
+    def _direct_mean(self, logits: Tensor, target: Tensor) -> bool:
+        """Whether the mean can be torch's own, which saves the denominator and a graph node:
+        the fast path on class indices without smoothing or z-loss, and without weights or on
+        (N, C) logits (torch's mean is then bitwise the sum over the denominator, see
+        `_torch_weight_sum`), and with validation, whose host sync tells an all-ignored batch
+        (torch's mean: nan; ours, from the sum: 0)."""
+        return (
+            self.validate and self.label_smoothing == 0.0 and self.z_loss == 0.0
+            and self._uses_fast_path() and isinstance(target, Tensor)
+            and isinstance(logits, Tensor) and not target.is_floating_point()
+            and (self.weight is None or logits.dim() == 2)
+        )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Loss of ``logits`` (N, C[, d1, ...]) against class indices or probabilities."""
         if self.reduction != "mean":
-            return self._compute(logits, target, self.reduction, need_denominator=False)[0]
+            loss = self._compute(logits, target, self.reduction, need_denominator=False)[0]
+            assert loss is not None
+            return loss
+        if self._direct_mean(logits, target):
+            loss = self._compute(logits, target, "mean", need_denominator=False)[0]
+            if loss is not None:
+                return loss
         loss_sum, denominator, value = self._compute(logits, target, "sum", need_denominator=True)
-        assert denominator is not None
+        assert loss_sum is not None and denominator is not None
         if value is None:
             return _safe_mean(loss_sum, denominator)
         # The denominator was read in validation's sync: divide by the number (the same float,
@@ -983,14 +1593,17 @@ def cross_entropy(
 # Loss variants
 # --------------------------------------------------------------------------------------------
 #
-# Each variant overrides `per_sample_loss` only, so it inherits, unchanged: class weights (and
+# Each variant overrides `per_sample_loss`, so it inherits, unchanged: class weights (and
 # weight strategies), ignore_index, label smoothing (delivered as smoothed probabilities), the
 # reductions, the (sum, denominator) split with the base class's denominators, validation, the
 # float32 compute for low-precision logits, and the z-loss option. Everything is computed from
 # ``log_softmax`` (finite for finite logits): probabilities are ``exp(log p)``, ``1 - p`` is
 # ``-expm1(log p)``, and no formula takes the log of a probability. Class weights multiply each
 # row's whole loss by the row weight (``w[y]``; ``sum_c w_c t_c`` for probabilities, via the
-# elementwise form ``sum_c w_c t_c l_c`` where a method is a sum over classes).
+# elementwise form ``sum_c w_c t_c l_c`` where a method is a sum over classes). The formulas that
+# need every class's probability also define `_soft_loss`: the same formula as `_Term` s for
+# `_RowTerms`, against a `_Target`, which is how label smoothing avoids an (N, C) target; their
+# `per_sample_loss` calls it for probabilities, so that both paths are one formula.
 
 
 class FocalLoss(CrossEntropyLoss):
@@ -1051,59 +1664,34 @@ class FocalLoss(CrossEntropyLoss):
         alpha = None if self.alpha is None else [round(v, 4) for v in self.alpha.tolist()]
         return {"gamma": self.gamma, "alpha": alpha}
 
-    def _powers(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """``(u**(gamma - 1), u**gamma)`` for ``u = 1 - p``, clamped below at the smallest
-        normal number so that ``u**(gamma - 1)`` stays finite for gamma < 1 (it multiplies
-        ``log p = 0`` there); integer gammas avoid ``pow``."""
-        u = u.clamp_min(torch.finfo(u.dtype).tiny)
-        if self.gamma == 1.0:
-            return torch.ones_like(u), u
-        if self.gamma == 2.0:
-            return u, u * u
-        lower = u.pow(self.gamma - 1.0)
-        return lower, lower * u
-
+    def _class_factor(self, weight: Tensor | None, like: Tensor) -> Tensor | None:
+        """Per-class factor ``w_c alpha_c`` (either may be missing) on ``like``'s device and
+        dtype; alpha's length is checked against the number of classes."""
+        alpha = self.alpha
+        if alpha is None:
+            return weight
+        if alpha.numel() != like.shape[1]:
+            raise ValueError(
+                f"alpha has {alpha.numel()} entries but logits have C={like.shape[1]} classes"
+            )
+        alpha = alpha.to(device=like.device, dtype=like.dtype)
+        return alpha if weight is None else weight * alpha
 
     def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-        alpha = self.alpha
-        if alpha is not None:
-            if alpha.numel() != log_probs.shape[1]:
-                raise ValueError(
-                    f"alpha has {alpha.numel()} entries but logits have C={log_probs.shape[1]} "
-                    "classes"
-                )
-            alpha = alpha.to(device=log_probs.device, dtype=log_probs.dtype)
-        gamma = self.gamma
         if target.is_floating_point():
-            factor = target
-            for vec in (weight, alpha):
-                if vec is not None:
-                    factor = factor * _class_view(vec, log_probs)
-            if gamma == 0.0:
-                return -(factor * log_probs).sum(dim=1)
-
-            # sum_c f_c u_c^g (-log p_c), u = 1 - p; d/d log p_c = f_c (g p_c log p_c u_c^(g-1)
-            # - u_c^g). (1 - p, not -expm1: only the absolute error matters in these products.)
-            # The powers computed in the forward are kept for the backward (not modified).
-            kept: list[Tensor] = []
-
-            def value(lp: Tensor, p: Tensor) -> Tensor:
-                kept[:] = self._powers(1.0 - p)
-                return (kept[1] * lp).mul_(factor).neg_()
-
-            def derivative(lp: Tensor, p: Tensor) -> Tensor:
-                lower, power = kept
-                return (lower * p).mul_(lp).mul_(gamma).sub_(power).mul_(factor)
-
-            return self._row_terms(log_probs, value, derivative)
+            return self._soft_loss(log_probs, _Target(target), weight)
+        factor = self._class_factor(weight, log_probs)
         log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
         loss = -log_p
-        if gamma != 0.0:
-            loss = loss * self._powers(_one_minus_exp(log_p))[1]
-        for vec in (weight, alpha):
-            if vec is not None:
-                loss = loss * vec.take(target)
-        return loss
+        if self.gamma != 0.0:
+            loss = loss * _focal_powers(_focal_base(_one_minus_exp(log_p)), self.gamma)[1]
+        return loss if factor is None else loss * factor.take(target)
+
+    def _soft_loss(self, log_probs: Tensor, target: _Target, weight: Tensor | None) -> Tensor:
+        # -sum_c alpha_c w_c t_c (1 - p_c)^gamma log p_c
+        g = _g_log_p if self.gamma == 0.0 else _FocalTerm(self.gamma)
+        term = target.term(g, self._class_factor(weight, log_probs), -1.0, log_probs)
+        return self._row_terms(log_probs, [term], target.index)
 
 
 class ConfidencePenaltyLoss(CrossEntropyLoss):
@@ -1125,6 +1713,8 @@ class ConfidencePenaltyLoss(CrossEntropyLoss):
     log p)``) come from one fused, hand-differentiated function. The loss can be negative
     (``H <= log C``). The paper tunes beta per task; the default here is 0.1.
     """
+
+    _index_needs_probs = True  # the entropy needs every class's probability
 
     def __init__(
         self,
@@ -1148,35 +1738,19 @@ class ConfidencePenaltyLoss(CrossEntropyLoss):
     def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
         if self.penalty == 0.0:
             return super().per_sample_loss(log_probs, target, weight)
-        # penalty * row weight * sum_c p_c log p_c (= -H); d/d log p_c = p_c (1 + log p_c)
-        row_w = _row_weight(target, weight)
-        if not target.is_floating_point():  # plus -w_y log p_y, in the same backward
-            scale: Tensor | float = 1.0 if row_w is None else row_w
-            kept: list[Tensor] = []
+        if target.is_floating_point():
+            return self._soft_loss(log_probs, _Target(target), weight)
+        return self._soft_loss(log_probs, _Target(None, target), weight)
 
-            def value(lp: Tensor, p: Tensor) -> Tensor:
-                kept[:] = [torch.mul(p, lp)]
-                return kept[0]
-
-            def derivative(lp: Tensor, p: Tensor) -> Tensor:
-                # p (1 + log p) = p log p + p: reuse the forward's p log p on the first call
-                return kept.pop().add_(p) if kept else _p_one_plus_log_p(lp, p)
-
-            return self._row_terms(
-                log_probs, value, derivative, target, scale, scale * self.penalty
-            )
-        coef: Tensor | float = self.penalty
-        if row_w is not None:
-            coef = (row_w * self.penalty).unsqueeze(1)
-        factor = target if weight is None else target * _class_view(weight, log_probs)
-
-        def soft_value(lp: Tensor, p: Tensor) -> Tensor:  # -f log p + coef p log p
-            return (p * lp).mul_(coef).sub_(factor * lp)
-
-        def soft_derivative(lp: Tensor, p: Tensor) -> Tensor:
-            return torch.addcmul(p, p, lp).mul_(coef).sub_(factor)
-
-        return self._row_terms(log_probs, soft_value, soft_derivative)
+    def _soft_loss(self, log_probs: Tensor, target: _Target, weight: Tensor | None) -> Tensor:
+        # -sum_c w_c t_c log p_c + penalty * row weight * sum_c p_c log p_c (= -H)
+        terms = [target.term(_g_log_p, weight, -1.0, log_probs)]
+        if self.penalty != 0.0:
+            coef: Tensor | float = self.penalty
+            if weight is not None:
+                coef = (target.total(weight, log_probs) * self.penalty).unsqueeze(1)
+            terms.append(_Term(_g_p_log_p, (coef,)))
+        return self._row_terms(log_probs, terms, target.index)
 
 
 class LogitAdjustedLoss(CrossEntropyLoss):
@@ -1299,23 +1873,22 @@ class Poly1Loss(CrossEntropyLoss):
         return {"epsilon": self.epsilon}
 
     def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-        eps = self.epsilon
         if target.is_floating_point():
-            factor = target if weight is None else target * _class_view(weight, log_probs)
-            if eps == 0.0:
-                return -(factor * log_probs).sum(dim=1)
-
-            # sum_c f_c (eps (1 - p_c) - log p_c); d/d log p_c = -f_c (1 + eps p_c)
-            def value(lp: Tensor, p: Tensor) -> Tensor:
-                return torch.add(lp, p, alpha=eps).sub_(eps).mul_(factor).neg_()
-
-            def derivative(lp: Tensor, p: Tensor) -> Tensor:
-                return torch.addcmul(factor, factor, p, value=eps).neg_()
-
-            return self._row_terms(log_probs, value, derivative)
+            return self._soft_loss(log_probs, _Target(target), weight)
+        eps = self.epsilon
         log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
         loss = -log_p if eps == 0.0 else eps * _one_minus_exp(log_p) - log_p
         return loss if weight is None else loss * weight.take(target)
+
+    def _soft_loss(self, log_probs: Tensor, target: _Target, weight: Tensor | None) -> Tensor:
+        # sum_c w_c t_c (eps (1 - p_c) - log p_c): eps sum_c w_c t_c, less two linear terms
+        eps = self.epsilon
+        terms = [target.term(_g_log_p, weight, -1.0, log_probs)]
+        if eps == 0.0:
+            return self._row_terms(log_probs, terms, target.index)
+        terms.append(target.term(_g_p, weight, -eps, log_probs))
+        rows = self._row_terms(log_probs, terms, target.index)
+        return rows + eps * target.total(weight, log_probs)
 
 
 class SymmetricCrossEntropyLoss(CrossEntropyLoss):
@@ -1368,30 +1941,37 @@ class SymmetricCrossEntropyLoss(CrossEntropyLoss):
 
     def per_sample_loss(self, log_probs: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
         alpha, beta = self.sce_alpha, self.sce_beta
-        row_w = _row_weight(target, weight)
         if beta == 0.0:
             return alpha * super().per_sample_loss(log_probs, target, weight)
-        if not target.is_floating_point():
-            log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
-            ce = -log_p if weight is None else -log_p * row_w
-            rce = (-self.log_zero * beta) * _one_minus_exp(log_p)
-            return alpha * ce + (rce if row_w is None else rce * row_w)
-        # -alpha sum_c f_c log p_c - beta rw sum_c p_c log q_c; d/d log p_c = -alpha f_c
-        # - beta rw p_c log q_c (f = t * w, rw = row weight, log q = log max(t, e^log_zero))
-        factor = target if weight is None else target * _class_view(weight, log_probs)
-        log_q = target.clamp_min(math.exp(self.log_zero)).log_()
-        coef: Tensor | float = beta
-        if row_w is not None:
-            coef = (row_w * beta).unsqueeze(1)
-        log_q = log_q.mul_(coef)
+        if target.is_floating_point():
+            return self._soft_loss(log_probs, _Target(target), weight)
+        row_w = _row_weight(target, weight)
+        log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+        ce = -log_p if weight is None else -log_p * row_w
+        rce = (-self.log_zero * beta) * _one_minus_exp(log_p)
+        return alpha * ce + (rce if row_w is None else rce * row_w)
 
-        def value(lp: Tensor, p: Tensor) -> Tensor:
-            return torch.addcmul(p * log_q, factor, lp, value=alpha).neg_()
-
-        def derivative(lp: Tensor, p: Tensor) -> Tensor:
-            return (p * log_q).add_(factor, alpha=alpha).neg_()
-
-        return self._row_terms(log_probs, value, derivative)
+    def _soft_loss(self, log_probs: Tensor, target: _Target, weight: Tensor | None) -> Tensor:
+        # -alpha sum_c w_c t_c log p_c - beta rw sum_c p_c log q_c, rw the row weight and
+        # log q = log max(t, e^log_zero)
+        alpha, beta = self.sce_alpha, self.sce_beta
+        rce: Tensor | float = -beta
+        if weight is not None:
+            rce = target.total(weight, log_probs) * -beta
+        terms = [target.term(_g_log_p, weight, -alpha, log_probs)] if alpha != 0.0 else []
+        floor = math.exp(self.log_zero)
+        if isinstance(target.dense, Tensor):  # log q computed block by block
+            log_q = _Lazy(lambda t: t.clamp_min(floor).log_(), target.dense)
+            coef = rce.unsqueeze(1) if isinstance(rce, Tensor) else rce
+            terms.insert(0, _Term(_g_p, (log_q, coef)))  # (first: its product is reused)
+            return self._row_terms(log_probs, terms, target.index)
+        # (smoothed) class indices: q is d = eps / C off the target and d + 1 - eps on it, so
+        # sum_c p_c log q_c = log q_off + (log q_on - log q_off) p_y, as sum_c p_c = 1
+        off = 0.0 if target.dense is None else float(target.dense)
+        log_off = math.log(max(off, floor))
+        log_on = math.log(max(off + target.index_weight, floor))
+        terms.append(_Term(_g_p, (), rce * (log_on - log_off)))
+        return self._row_terms(log_probs, terms, target.index) + rce * log_off
 
 
 class GeneralizedCrossEntropyLoss(CrossEntropyLoss):
