@@ -138,6 +138,8 @@ class PredictConfig:
 _tensorboard = getattr(pl_loggers, "TensorBoardLogger")
 # The datamodules' shared options (their subclasses take them as **kwargs and pass them on).
 _DATA_BASE = schema(data.TensorDataModule, exclude=("x", "y"))
+# Likewise the loss variants and the base loss's options.
+_LOSS_BASE = schema(losses.CrossEntropyLoss)
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "data": {
@@ -146,7 +148,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "files": schema(data.FileDataModule, bases=(_DATA_BASE,)),
     },
     "model": {"mlp": schema(nets.MLP, exclude=("in_features", "num_classes"))},
-    "loss": {name: schema(cls) for name, cls in losses.LOSSES.items()},
+    "loss": {
+        name: schema(cls, bases=(_LOSS_BASE,)) if cls is not losses.CrossEntropyLoss else _LOSS_BASE
+        for name, cls in losses.LOSSES.items()
+    },
     "module": {"xent": schema(module.XentModule, exclude=("net", "loss", "optimizer", "scheduler", "num_classes"))},
     "optimizer": {
         "sgd": schema(torch.optim.SGD, partial=True, exclude=("params",), lr=(float, 0.1)),

@@ -1615,8 +1615,8 @@ class FocalLoss(CrossEntropyLoss):
         alpha: None or per-class balancing factors (C non-negative finite numbers, not all 0).
             Part of the per-sample formula, as in the paper: unlike ``class_weights`` it does not
             enter the mean's denominator.
-        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
-            `CrossEntropyLoss`.
+        kwargs: `CrossEntropyLoss`'s options (class_weights, ignore_index, reduction,
+            label_smoothing, beta, validate, z_loss), by keyword.
 
     Probability targets (and label smoothing) use the elementwise form
     ``-sum_c alpha_c w_c t_c (1 - p_c)**gamma log p_c``, which is the paper's for one-hot ``t``
@@ -1635,17 +1635,9 @@ class FocalLoss(CrossEntropyLoss):
         self,
         gamma: float = 2.0,
         alpha: None | Sequence[float] | Tensor = None,
-        class_weights: None | Sequence[float] | Tensor | str = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        beta: float = 0.999,
-        validate: bool = True,
-        z_loss: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
-        )
+        super().__init__(**kwargs)
         self.gamma: float = _check_number("gamma", gamma, low=0.0)
         if alpha is not None:
             if isinstance(alpha, (int, float)):
@@ -1702,8 +1694,8 @@ class ConfidencePenaltyLoss(CrossEntropyLoss):
     Args:
         penalty: the paper's beta, >= 0 (named ``penalty`` because ``beta`` is the
             effective-number strategy's); 0 gives cross-entropy.
-        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
-            `CrossEntropyLoss`.
+        kwargs: `CrossEntropyLoss`'s options (class_weights, ignore_index, reduction,
+            label_smoothing, beta, validate, z_loss), by keyword.
 
     The entropy term of a row is multiplied by the row weight (``w[y]``, ``sum_c w_c t_c`` for
     probabilities), so under "mean" both terms are averaged with the same weights. Defined for
@@ -1719,17 +1711,9 @@ class ConfidencePenaltyLoss(CrossEntropyLoss):
     def __init__(
         self,
         penalty: float = 0.1,
-        class_weights: None | Sequence[float] | Tensor | str = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        beta: float = 0.999,
-        validate: bool = True,
-        z_loss: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
-        )
+        super().__init__(**kwargs)
         self.penalty: float = _check_number("penalty", penalty, low=0.0)
 
     def _knobs(self) -> dict[str, Any]:
@@ -1760,8 +1744,8 @@ class LogitAdjustedLoss(CrossEntropyLoss):
 
     Args:
         tau: adjustment strength, >= 0 (paper: 1); 0 gives cross-entropy (and needs no counts).
-        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
-            `CrossEntropyLoss`.
+        kwargs: `CrossEntropyLoss`'s options (class_weights, ignore_index, reduction,
+            label_smoothing, beta, validate, z_loss), by keyword.
 
     The priors are ``pi_c = n_c / sum(n)`` from `set_class_counts` (which the LightningModule
     calls with the datamodule's train-split counts before training); counts are clamped to at
@@ -1785,17 +1769,9 @@ class LogitAdjustedLoss(CrossEntropyLoss):
     def __init__(
         self,
         tau: float = 1.0,
-        class_weights: None | Sequence[float] | Tensor | str = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        beta: float = 0.999,
-        validate: bool = True,
-        z_loss: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
-        )
+        super().__init__(**kwargs)
         self.tau: float = _check_number("tau", tau, low=0.0)
         self.register_buffer("log_prior", torch.empty(0), persistent=True)
 
@@ -1844,8 +1820,8 @@ class Poly1Loss(CrossEntropyLoss):
             decrease as p_y falls near p_y = 1: its leading coefficient 1 + epsilon turns
             negative); the paper tunes it per task, positive for classification; default 1.
             0 gives cross-entropy.
-        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
-            `CrossEntropyLoss`.
+        kwargs: `CrossEntropyLoss`'s options (class_weights, ignore_index, reduction,
+            label_smoothing, beta, validate, z_loss), by keyword.
 
     Probability targets (and label smoothing) use the paper's ``p_t = sum_c t_c p_c``, written
     elementwise so that class weights apply like torch's: ``sum_c w_c t_c (-log p_c +
@@ -1856,17 +1832,9 @@ class Poly1Loss(CrossEntropyLoss):
     def __init__(
         self,
         epsilon: float = 1.0,
-        class_weights: None | Sequence[float] | Tensor | str = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        beta: float = 0.999,
-        validate: bool = True,
-        z_loss: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
-        )
+        super().__init__(**kwargs)
         self.epsilon: float = _check_number("epsilon", epsilon, low=-1.0)
 
     def _knobs(self) -> dict[str, Any]:
@@ -1904,8 +1872,8 @@ class SymmetricCrossEntropyLoss(CrossEntropyLoss):
             (``sce_`` prefixes: ``beta`` is the effective-number strategy's.)
         log_zero: the paper's A, the value of ``log 0``, < 0 (paper: -4; the authors' code
             clamps q at 1e-4, i.e. A = log 1e-4 ~ -9.21).
-        class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss: as in
-            `CrossEntropyLoss`.
+        kwargs: `CrossEntropyLoss`'s options (class_weights, ignore_index, reduction,
+            label_smoothing, beta, validate, z_loss), by keyword.
 
     sce_alpha=1, sce_beta=0 gives cross-entropy. Probability targets use
     ``log q_c = max(log t_c, log_zero)``. The RCE term of a row is multiplied by the row weight
@@ -1919,17 +1887,9 @@ class SymmetricCrossEntropyLoss(CrossEntropyLoss):
         sce_alpha: float = 0.1,
         sce_beta: float = 1.0,
         log_zero: float = -4.0,
-        class_weights: None | Sequence[float] | Tensor | str = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        beta: float = 0.999,
-        validate: bool = True,
-        z_loss: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
-        )
+        super().__init__(**kwargs)
         self.sce_alpha: float = _check_number("sce_alpha", sce_alpha, low=0.0)
         self.sce_beta: float = _check_number("sce_beta", sce_beta, low=0.0)
         if self.sce_alpha == 0.0 and self.sce_beta == 0.0:
@@ -1981,8 +1941,8 @@ class GeneralizedCrossEntropyLoss(CrossEntropyLoss):
     Args:
         q: in (0, 1] (paper: 0.7). q -> 0 approaches cross-entropy, q = 1 is the MAE
             ``1 - p_y``.
-        class_weights, ignore_index, reduction, beta, validate, z_loss: as in
-            `CrossEntropyLoss`.
+        kwargs: `CrossEntropyLoss`'s options (class_weights, ignore_index, reduction, beta,
+            validate, z_loss), by keyword.
         label_smoothing: must be 0: the paper defines L_q for class indices only, so
             probability targets and label smoothing raise a ValueError.
 
@@ -1996,17 +1956,9 @@ class GeneralizedCrossEntropyLoss(CrossEntropyLoss):
     def __init__(
         self,
         q: float = 0.7,
-        class_weights: None | Sequence[float] | Tensor | str = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        beta: float = 0.999,
-        validate: bool = True,
-        z_loss: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            class_weights, ignore_index, reduction, label_smoothing, beta, validate, z_loss
-        )
+        super().__init__(**kwargs)
         self.q: float = _check_number("q", q, low=0.0, high=1.0, low_open=True)
 
     def _knobs(self) -> dict[str, Any]:
