@@ -15,18 +15,22 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+
+from xentlit.atomic import atomic_path, write_atomic
+from xentlit.plain import to_plain
 
 METRICS_FILE = "metrics.json"
 RUN_INFO_KEY = "xentlit"
@@ -39,14 +43,34 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in node.values() if entry is not None and "_target_" in entry]
 
 
-def build_module(cfg: DictConfig, num_features: int, num_classes: int) -> pl.LightningModule:
-    """The LightningModule of ``cfg`` (network, loss, optimiser, scheduler) for the given data shape."""
-    net = instantiate(cfg.model, in_features=num_features, num_classes=num_classes)
+def build_module(
+    cfg: DictConfig, num_features: int, num_classes: int, categorical_cardinalities: Sequence[int] = (),
+    loss: Any = None,
+) -> pl.LightningModule:
+    """The LightningModule of ``cfg`` (network, loss, optimiser, scheduler) for the given data shape.
+
+    With categorical inputs (the last ``len(categorical_cardinalities)`` columns hold integer codes) the network
+    is given ``categorical_cardinalities`` too.
+    """
+    shape: dict[str, Any] = {"in_features": num_features, "num_classes": num_classes}
+    if categorical_cardinalities:
+        shape["categorical_cardinalities"] = list(categorical_cardinalities)
+    try:
+        net = instantiate(cfg.model, **shape)
+    except InstantiationException as err:
+        if categorical_cardinalities and "categorical_cardinalities" in str(err):
+            raise ValueError(
+                f"the data has {len(categorical_cardinalities)} categorical column(s), but the network "
+                f"{cfg.model.get('_target_')} takes no `categorical_cardinalities` argument: accept it (the last "
+                "that many input columns hold integer codes, 0 = missing or unseen; xentlit.MLP embeds them), or "
+                "make the columns numeric with data.numeric_columns / drop them with data.drop_columns"
+            ) from None
+        raise
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate(
         cfg.module,
         net=net,
-        loss=instantiate(cfg.loss),
+        loss=loss if loss is not None else instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         num_classes=num_classes,
@@ -60,10 +84,30 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Callback, ...] = ()) -
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
+# Metrics where larger is better (their mode is max); every other monitored metric is minimised.
+_MAXIMISED = ("acc", "acc_best", "balanced_acc", "f1_macro")
+
+
+def resolve_monitor(cfg: DictConfig, loss: Any) -> None:
+    """Fill ``cfg.monitor``'s ``auto`` values (see :class:`~xentlit.config.MonitorConfig`) from the loss."""
+    monitor = cfg.get("monitor")
+    if monitor is None:
+        return
+    if monitor.metric == "auto":
+        monitor.metric = "val/balanced_acc" if getattr(loss, "rebalances_classes", False) else "val/nll"
+    if monitor.mode == "auto":
+        monitor.mode = "max" if str(monitor.metric).rsplit("/", 1)[-1] in _MAXIMISED else "min"
+    if monitor.mode not in ("min", "max"):
+        raise ValueError(f"monitor.mode must be min, max or auto, got {monitor.mode!r}")
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Instantiate the datamodule, the module (with its network and loss) and the trainer from ``cfg``."""
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.num_features, datamodule.num_classes)
+    loss = instantiate(cfg.loss)
+    resolve_monitor(cfg, loss)
+    module = build_module(cfg, datamodule.num_features, datamodule.num_classes,
+                          getattr(datamodule, "categorical_cardinalities", ()), loss=loss)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return datamodule, module, build_trainer(cfg, extra_callbacks=(RunInfoInCheckpoint(resolved),))
 
@@ -79,13 +123,17 @@ class RunInfoInCheckpoint(Callback):
         datamodule = trainer.datamodule
         info: dict[str, Any] = {"config": self.config}
         if datamodule is not None:
-            info["class_names"] = list(getattr(datamodule, "class_names", []) or [])
+            info["class_names"] = [str(c) for c in getattr(datamodule, "class_names", []) or []]
             info["num_features"] = getattr(datamodule, "num_features", None)
+            info["categorical_cardinalities"] = list(getattr(datamodule, "categorical_cardinalities", []) or [])
             for name in ("feature_mean", "feature_std"):
                 value = getattr(datamodule, name, None)
                 if isinstance(value, torch.Tensor):
                     info[name] = value.detach().cpu()
-        checkpoint[RUN_INFO_KEY] = info
+            preprocessor = getattr(datamodule, "preprocessor", None)
+            if preprocessor is not None:
+                info["tabular"] = preprocessor.state_dict()
+        checkpoint[RUN_INFO_KEY] = to_plain(info)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -262,6 +310,7 @@ def _train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module, trainer = build(cfg)
+    _report_schema(datamodule, Path(trainer.default_root_dir))
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -296,6 +345,19 @@ def _train(cfg: DictConfig) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+SCHEMA_FILE = "schema.json"
+
+
+@rank_zero_only
+def _report_schema(datamodule: Any, run_dir: Path) -> None:
+    """Print the table schema the datamodule inferred and store it in the run directory (``schema.json``)."""
+    preprocessor = getattr(datamodule, "preprocessor", None)
+    if preprocessor is None:
+        return
+    rank_zero_info(f"Columns of {getattr(datamodule, 'path', 'the table')} (role, why):\n{preprocessor.describe()}")
+    write_atomic(run_dir / SCHEMA_FILE, json.dumps(preprocessor.state_dict(), indent=2) + "\n")
+
+
 def _resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint ``fit`` starts from: ``ckpt_path`` if given, else ``resume``'s last.ckpt, checked first."""
     ckpt_path = cfg.get("ckpt_path")
@@ -321,8 +383,7 @@ def _best_epoch(trainer: pl.Trainer) -> int | None:
 @rank_zero_only
 def _write_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """Write ``metrics.json`` in the run directory and print the final table (rank 0 only)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_atomic(run_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     from rich.console import Console
     from rich.table import Table
 
@@ -346,7 +407,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg = OmegaConf.create(run_info(checkpoint, cfg.ckpt_path)["config"])
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(run_cfg.data)
-        module = build_module(run_cfg, datamodule.num_features, datamodule.num_classes)
+        module = build_module(run_cfg, datamodule.num_features, datamodule.num_classes,
+                              getattr(datamodule, "categorical_cardinalities", ()))
         trainer = build_trainer(cfg)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=str(cfg.ckpt_path), verbose=False)
         metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
@@ -364,26 +426,69 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def predict(cfg: DictConfig) -> Path:
     """Class predictions and probabilities for the rows of ``cfg.input``, written as CSV to ``cfg.output``.
 
-    Needs only the checkpoint: the network, the class names and the training split's standardisation are
-    rebuilt from what :class:`RunInfoInCheckpoint` stored. Runs on the CPU unless ``cfg.device`` says otherwise.
+    Needs only the checkpoint: the network, the class names and the training split's preprocessing are rebuilt
+    from what :class:`RunInfoInCheckpoint` stored. Tables are matched by column name (any order, extra columns
+    copied through to the output, a missing one named in the error); a label column, if present, also gives
+    metrics (printed and written beside the output as ``<output>.metrics.json``). Runs on the CPU unless
+    ``cfg.device`` says otherwise.
     """
-    import numpy as np
     import pandas as pd
-
-    from xentlit.data import read_table
 
     checkpoint = load_checkpoint(cfg.ckpt_path)
     info = run_info(checkpoint, cfg.ckpt_path)
     run_cfg = OmegaConf.create(info["config"])
-    class_names = list(info["class_names"])
+    class_names = [str(c) for c in info["class_names"]]
+    label_column = run_cfg.get("data", {}).get("label_column", "label")
+    features, passthrough, labels = _prediction_inputs(cfg, run_cfg, info, label_column)
+
+    module = build_module(run_cfg, features.shape[1], len(class_names), info.get("categorical_cardinalities") or ())
+    module.load_state_dict(checkpoint["state_dict"])
+    device = torch.device(cfg.device)
+    module.to(device).eval()
+    logits = []
+    with torch.inference_mode():
+        for start in range(0, len(features), cfg.batch_size):
+            logits.append(module(features[start : start + cfg.batch_size].to(device)).float().cpu())
+    logit = torch.cat(logits) if logits else torch.zeros((0, len(class_names)))
+    prob = logit.softmax(dim=1).numpy()
+    index = prob.argmax(axis=1)
+    table = passthrough if passthrough is not None else pd.DataFrame(index=range(len(index)))
+    table["prediction"] = [class_names[i] for i in index]
+    table["class_index"] = index
+    for k, name in enumerate(class_names):
+        table[f"prob_{name}"] = prob[:, k]
+    output = Path(cfg.output)
+    with atomic_path(output) as tmp:
+        table.to_csv(tmp, index=False)
+    print(f"wrote {len(table)} predictions to {output}")
+    if labels is not None:
+        metrics = _label_metrics(labels, logit, class_names, label_column, str(cfg.input))
+        write_atomic(output.with_name(output.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
+        print("metrics on the rows with a known label: " + ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return output
+
+
+def _prediction_inputs(cfg: DictConfig, run_cfg: DictConfig, info: dict[str, Any], label_column: str) -> tuple:
+    """``(features, columns to copy through or None, raw labels or None)`` of the prediction input file."""
+    import numpy as np
+
+    from xentlit.data import read_table
+    from xentlit.data.files import read_frame
+    from xentlit.data.tabular import TabularPreprocessor
+
+    if info.get("tabular"):
+        preprocessor = TabularPreprocessor.from_state_dict(info["tabular"])
+        frame = read_frame(cfg.input, label_column)
+        x = preprocessor.transform(frame, source=str(cfg.input))
+        inputs = {c.name for c in preprocessor.columns_ if c.role != "dropped"}
+        keep = [c for c in frame.column_names if c not in inputs]
+        passthrough = frame.select(keep).to_pandas() if keep else None
+        labels = frame.column(label_column).to_numpy(zero_copy_only=False) if label_column in frame.column_names else None
+        return torch.from_numpy(x), passthrough, labels
     num_features = int(info["num_features"])
-    data_cfg = run_cfg.get("data", {})
-    x, _ = read_table(
-        cfg.input,
-        label_column=data_cfg.get("label_column", "label"),
-        feature_columns=data_cfg.get("feature_columns"),
-        require_label=False,
-    )
+    x, labels = read_table(cfg.input, label_column=label_column,
+                           feature_columns=run_cfg.get("data", {}).get("feature_columns"), require_label=False)
     if x.ndim != 2 or x.shape[1] != num_features:
         raise ValueError(
             f"{cfg.input} has {x.shape[1] if x.ndim == 2 else x.shape} feature columns but the model in "
@@ -395,23 +500,38 @@ def predict(cfg: DictConfig) -> Path:
     features = torch.as_tensor(x, dtype=torch.float32)
     if "feature_mean" in info:
         features = (features - info["feature_mean"].float()) / info["feature_std"].float()
+    return features, None, labels
 
-    module = build_module(run_cfg, num_features, len(class_names))
-    module.load_state_dict(checkpoint["state_dict"])
-    device = torch.device(cfg.device)
-    module.to(device).eval()
-    probs = []
-    with torch.inference_mode():
-        for start in range(0, len(features), cfg.batch_size):
-            logits = module(features[start : start + cfg.batch_size].to(device))
-            probs.append(logits.float().softmax(dim=1).cpu())
-    prob = torch.cat(probs).numpy() if probs else np.zeros((0, len(class_names)))
-    index = prob.argmax(axis=1)
-    table = pd.DataFrame({"prediction": [class_names[i] for i in index], "class_index": index})
-    for k, name in enumerate(class_names):
-        table[f"prob_{name}"] = prob[:, k]
-    output = Path(cfg.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output, index=False)
-    print(f"wrote {len(table)} predictions to {output}")
-    return output
+
+def _label_metrics(labels: Any, logits: torch.Tensor, class_names: list[str], label_column: str,
+                   source: str) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1 and NLL over the rows whose label is one of the model's classes."""
+    import numpy as np
+    import pandas as pd
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_recall
+
+    values = pd.Series(labels)
+    if pd.api.types.is_numeric_dtype(values):
+        keys = values.map(lambda v: None if pd.isna(v) else (str(int(v)) if float(v) == int(v) else str(v)))
+    else:
+        keys = values.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    codes = pd.Categorical(keys, categories=class_names).codes
+    known = codes >= 0
+    result: dict[str, Any] = {"rows": int(len(codes)), "rows_with_known_label": int(known.sum())}
+    unknown = keys[(~known) & keys.notna().to_numpy()]
+    if len(unknown):
+        result["unknown_labels"] = sorted(set(unknown.tolist()))[:10]
+        print(f"{len(unknown)} row(s) of {source} have a {label_column!r} the model does not know "
+              f"(e.g. {unknown.iloc[0]!r}); metrics leave them out")
+    if not known.any():
+        return result
+    target = torch.as_tensor(codes[known], dtype=torch.long)
+    out = logits[torch.as_tensor(known)]
+    c = len(class_names)
+    result.update({
+        "acc": float(multiclass_accuracy(out, target, c, average="micro")),
+        "balanced_acc": float(multiclass_recall(out, target, c, average="macro")),
+        "f1_macro": float(multiclass_f1_score(out, target, c, average="macro")),
+        "nll": float(torch.nn.functional.cross_entropy(out.double(), target)),
+    })
+    return result

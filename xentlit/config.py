@@ -86,6 +86,20 @@ class PathsConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The validation metric that picks the best checkpoint, stops early and drives ``scheduler=plateau``.
+
+    ``auto``: ``val/balanced_acc`` (max) when the loss rebalances classes (class weights, logit adjustment), whose
+    own value would reward that trade rather than what is measured; otherwise ``val/nll`` (min), the plain
+    cross-entropy of the predictions, whatever the training loss's smoothing or variant. ``mode: auto`` is max for
+    accuracies and F1, min for losses.
+    """
+
+    metric: str = "auto"
+    mode: str = "auto"
+
+
+@dataclass
 class TrainConfig:
     """The top level of ``conf/train.yaml``."""
 
@@ -107,6 +121,7 @@ class TrainConfig:
     ckpt_path: str | None = None
     resume: str | None = None
     optimized_metric: str = "val/acc_best"
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 @dataclass
@@ -147,7 +162,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "synthetic": schema(data.SyntheticDataModule, bases=(_DATA_BASE,)),
         "files": schema(data.FileDataModule, bases=(_DATA_BASE,)),
     },
-    "model": {"mlp": schema(nets.MLP, exclude=("in_features", "num_classes"))},
+    "model": {"mlp": schema(nets.MLP, exclude=("in_features", "num_classes", "categorical_cardinalities"))},
     "loss": {
         name: schema(cls, bases=(_LOSS_BASE,)) if cls is not losses.CrossEntropyLoss else _LOSS_BASE
         for name, cls in losses.LOSSES.items()

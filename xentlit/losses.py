@@ -882,6 +882,12 @@ class CrossEntropyLoss(nn.Module):
         return self.weight_strategy if self.weight_strategy is not None else self.weight
 
     @property
+    def rebalances_classes(self) -> bool:
+        """Whether this loss trades the frequent classes' fit for the rare ones' (class weights): its value then
+        rewards that trade, and model selection should look at balanced accuracy instead (``monitor=auto``)."""
+        return self.weight is not None or self.weight_strategy is not None
+
+    @property
     def needs_class_counts(self) -> bool:
         """True while a weight strategy is configured but its weights are not computed yet."""
         pending = self.weight is None or self.weight.numel() == 0
@@ -1777,6 +1783,11 @@ class LogitAdjustedLoss(CrossEntropyLoss):
 
     def _knobs(self) -> dict[str, Any]:
         return {"tau": self.tau}
+
+    @property
+    def rebalances_classes(self) -> bool:
+        """Logit adjustment with tau > 0 targets balanced error."""
+        return self.tau > 0.0 or super().rebalances_classes
 
     @property
     def needs_class_counts(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torch.nn import functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import (
@@ -28,6 +29,7 @@ from torchmetrics.classification import (
 
 from xentlit.losses import CrossEntropyLoss
 from xentlit.metrics import RunningAccuracy, WeightedMean
+from xentlit.plain import make_hparams_plain
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 NORMALIZATIONS = ("auto", "local", "global")
@@ -102,6 +104,7 @@ class XentModule(LightningModule):
         # Modules and factories are passed in, not pickled into hparams: checkpoints stay loadable with
         # weights_only=True and hparams.yaml stays readable.
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
+        make_hparams_plain(self)
         self.net = net
         self.loss = loss if loss is not None else CrossEntropyLoss()
         self.optimizer_factory = optimizer
@@ -111,6 +114,9 @@ class XentModule(LightningModule):
         for stage in STAGES:  # attributes, not a ModuleDict: "train" would clash with nn.Module.train
             setattr(self, f"{stage}_metrics", self.configure_metrics(stage))
             setattr(self, f"{stage}_loss", WeightedMean())
+        # Plain cross-entropy of the predictions (no class weights, smoothing or loss variant): the validation
+        # score that model selection can trust whatever the training loss rewards.
+        self.val_nll, self.test_nll = WeightedMean(), WeightedMean()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best so far
         # Not a buffer: DDP would broadcast rank 0's value over every rank's own running sum.
@@ -273,6 +279,11 @@ class XentModule(LightningModule):
         getattr(self, f"{stage}_loss").update(mean, weight=denominator)
         hard = target if not target.is_floating_point() else target.argmax(dim=1)
         preds = logits.float()
+        if stage != "train":
+            rows = torch.tensor(len(target), device=target.device) if target.is_floating_point() else (
+                target != self.ignore_index).sum()
+            nll = F.cross_entropy(preds, target, ignore_index=self.ignore_index, reduction="sum")
+            getattr(self, f"{stage}_nll").update(nll / rows.clamp_min(1), weight=rows)
         getattr(self, f"{stage}_metrics").update(preds if stage == "train" else preds.softmax(dim=1), hard)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -382,6 +393,9 @@ class XentModule(LightningModule):
         values = {f"{stage}/loss": loss_metric.compute(), **metrics.compute()}
         loss_metric.reset()
         metrics.reset()
+        if stage != "train":
+            values[f"{stage}/nll"] = getattr(self, f"{stage}_nll").compute()
+            getattr(self, f"{stage}_nll").reset()
         self.log_dict(values, prog_bar=stage != "test")
         return values
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -17,11 +18,21 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 NORMS: dict[str, type[nn.Module]] = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
 
 
+def embedding_size(cardinality: int) -> int:
+    """fastai's rule of thumb for a categorical column's embedding width: ``min(600, round(1.6 * K ** 0.56))``."""
+    return int(min(600, round(1.6 * cardinality**0.56)))
+
+
 class MLP(nn.Module):
     """A multilayer perceptron mapping ``(N, in_features)`` to logits ``(N, num_classes)``.
 
     Each hidden block is ``Linear -> [norm] -> activation -> [dropout]``; the head is a plain ``Linear``
     whose outputs are raw logits (never softmax them before a cross-entropy loss).
+
+    Categorical inputs: with ``categorical_cardinalities = [K1, K2, ...]`` the last ``len(...)`` input columns hold
+    integer codes in ``[0, K)`` (as xentlit's tabular pipeline makes them: 0 is missing or unseen); each goes
+    through its own learned ``nn.Embedding`` (width ``embedding_sizes`` or :func:`embedding_size`), concatenated
+    with the numeric columns before the first layer.
     """
 
     def __init__(
@@ -32,6 +43,8 @@ class MLP(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         norm: str | None = None,
+        categorical_cardinalities: Sequence[int] = (),
+        embedding_sizes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
@@ -48,11 +61,20 @@ class MLP(nn.Module):
             raise ValueError(f"norm must be None or one of {sorted(NORMS)}, got {norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        cards = [int(k) for k in categorical_cardinalities]
+        if any(k < 1 for k in cards) or len(cards) > in_features:
+            raise ValueError(f"categorical_cardinalities must be <= in_features={in_features} positive ints, got {cards}")
+        sizes = [embedding_size(k) for k in cards] if embedding_sizes is None else [int(e) for e in embedding_sizes]
+        if len(sizes) != len(cards) or any(e < 1 for e in sizes):
+            raise ValueError(f"embedding_sizes must give one positive width per categorical column ({len(cards)}), "
+                             f"got {list(embedding_sizes or [])}")
         self.in_features = in_features
         self.num_classes = num_classes
+        self.num_numeric = in_features - len(cards)
+        self.embeddings = nn.ModuleList(nn.Embedding(k, e) for k, e in zip(cards, sizes))
 
         layers: list[nn.Module] = []
-        width = in_features
+        width = self.num_numeric + sum(sizes)
         for size in hidden:
             layers.append(nn.Linear(width, size))
             if norm is not None:
@@ -65,4 +87,7 @@ class MLP(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.embeddings:
+            codes = x[:, self.num_numeric :].long()
+            x = torch.cat([x[:, : self.num_numeric], *(emb(codes[:, i]) for i, emb in enumerate(self.embeddings))], 1)
         return self.head(self.body(x))

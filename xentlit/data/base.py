@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from xentlit.data.batching import TensorBatchDataset, collate_batch
+from xentlit.plain import make_hparams_plain
 from xentlit.data.checks import _as_features, _as_targets, _check_int, _hard_labels, _is_soft
 
 Split = tuple[Tensor, Tensor]
@@ -63,6 +65,7 @@ class TensorDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["x", "y"])
+        make_hparams_plain(self)  # Hydra's ListConfig / numpy strings would make checkpoints refuse weights_only
         _check_int("batch_size", batch_size, minimum=1)
         if eval_batch_size is not None:
             _check_int("eval_batch_size", eval_batch_size, minimum=1)
@@ -78,7 +81,7 @@ class TensorDataModule(LightningDataModule):
             )
         self._x = x
         self._y = y
-        self._class_names_arg = list(class_names) if class_names is not None else None
+        self._class_names_arg = [str(c) for c in class_names] if class_names is not None else None
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else None
         self.val_fraction = float(val_fraction)
@@ -134,10 +137,22 @@ class TensorDataModule(LightningDataModule):
     def load_splits(self) -> tuple[Split, Split, Split]:
         """The train, val and test splits; by default :meth:`load` followed by :meth:`split`."""
         x, y, names = self.load()
-        self._source_class_names = list(names) if names is not None else None
+        self._source_class_names = [str(n) for n in names] if names is not None else None
         xt = _as_features(x, "the dataset")
         yt = _as_targets(y, len(xt), self.ignore_index, "the dataset")
         return self.split(xt, yt)
+
+    @property
+    def standardizes_features(self) -> bool:
+        """Whether ``standardize`` applies to every feature column; False where :meth:`load_splits` already
+        scales the inputs itself (tables with categorical codes and missing-value indicators)."""
+        return True
+
+    @property
+    def categorical_cardinalities(self) -> list[int]:
+        """Categories (+1 for missing/unseen) of each categorical input; these are the last columns of ``x``,
+        holding integer codes. Empty here: every column is numeric."""
+        return []
 
     # ---------------------------------------------------------------- Lightning hooks
 
@@ -195,10 +210,9 @@ class TensorDataModule(LightningDataModule):
         self._class_names, self._num_classes = self._resolve_classes([y for _, y in splits])
         self._check_label_counts(y_tr, [y for _, y in splits])
         if self.batch_size > len(x_tr):
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the train split ({len(x_tr)} rows); "
-                "use a batch_size <= the number of training rows"
-            )
+            rank_zero_info(f"batch_size={self.batch_size} is larger than the train split ({len(x_tr)} rows): "
+                           f"each batch is the whole split")
+            self.batch_size = len(x_tr)
 
         if self._pending_stats is not None:
             mean, std = self._pending_stats
@@ -207,14 +221,15 @@ class TensorDataModule(LightningDataModule):
                     f"loaded feature statistics cover {mean.shape[0]} features but the data has "
                     f"{n_feat}"
                 )
-        elif self.standardize:
+        elif self.standardize and self.standardizes_features:
             mean, std = _fit_standardizer(x_tr)
         else:
             mean, std = torch.zeros(n_feat), torch.ones(n_feat)
         self._feature_mean, self._feature_std = mean, std
-        self._train_dataset = TensorBatchDataset(self.transform(x_tr), y_tr)
-        self._val_dataset = TensorBatchDataset(self.transform(x_va), y_va)
-        self._test_dataset = TensorBatchDataset(self.transform(x_te), y_te)
+        identity = not bool(mean.any()) and bool((std == 1).all())  # no copy of the data for no change
+        self._train_dataset = TensorBatchDataset(x_tr if identity else self.transform(x_tr), y_tr)
+        self._val_dataset = TensorBatchDataset(x_va if identity else self.transform(x_va), y_va)
+        self._test_dataset = TensorBatchDataset(x_te if identity else self.transform(x_te), y_te)
         self._is_setup = True
 
     def state_dict(self) -> dict[str, Any]:
@@ -404,7 +419,18 @@ class TensorDataModule(LightningDataModule):
         self, x: Tensor, y: Tensor, val_fraction: float, test_fraction: float
     ) -> tuple[Split, Split, Split]:
         """Split by row counts ``round(fraction * n)``; stratified where sklearn allows."""
-        n = len(x)
+        indices = self._split_rows(y, val_fraction, test_fraction)
+
+        def rows(ix: np.ndarray) -> Split:
+            t = torch.as_tensor(ix, dtype=torch.long)
+            return x[t], y[t]
+
+        return rows(indices["train"]), rows(indices["val"]), rows(indices["test"])
+
+    def _split_rows(self, y: Tensor, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+        """Sorted row indices of each split (seeded by ``split_seed``, stratified where sklearn allows); also
+        recorded in :attr:`split_indices`."""
+        n = len(y)
         n_test = int(round(test_fraction * n))
         n_val = int(round(val_fraction * n))
         if n - n_test - n_val < 1:
@@ -417,14 +443,8 @@ class TensorDataModule(LightningDataModule):
         idx = np.arange(n)
         rest, test_idx = _take(idx, strata, n_test, rng)
         train_idx, val_idx = _take(rest, strata, n_val, rng)
-        train_idx, val_idx, test_idx = np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
-        self._split_indices = {"train": train_idx, "val": val_idx, "test": test_idx}
-
-        def rows(ix: np.ndarray) -> Split:
-            t = torch.as_tensor(ix, dtype=torch.long)
-            return x[t], y[t]
-
-        return rows(train_idx), rows(val_idx), rows(test_idx)
+        self._split_indices = {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
+        return self._split_indices
 
     def _resolve_classes(self, ys: list[Tensor]) -> tuple[list[str], int]:
         """Class names and count, checking labels against them."""
@@ -437,7 +457,7 @@ class TensorDataModule(LightningDataModule):
                     f"soft targets have {c} class columns but {len(names)} class_names were given "
                     f"({names})"
                 )
-            return (list(names) if names is not None else [str(i) for i in range(c)]), c
+            return ([str(n) for n in names] if names is not None else [str(i) for i in range(c)]), c
         if names is not None:
             c = len(names)
             for split_name, y in zip(("train", "val", "test"), ys):
@@ -448,7 +468,7 @@ class TensorDataModule(LightningDataModule):
                         f"label {int(y[row])} at row {row} of the {split_name} split is >= "
                         f"num_classes={c} (the number of class_names); labels must be in [0, {c})"
                     )
-            return list(names), c
+            return [str(n) for n in names], c
         labelled = torch.cat([y[y != self.ignore_index] for y in ys])
         if len(labelled) == 0:
             raise ValueError(

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from xentlit.data.base import Split, TensorDataModule
 from xentlit.data.checks import _as_features, _as_targets, _check_int
+from xentlit.data.tabular import TabularPreprocessor
 
 _SUPPORTED_SUFFIXES = (".csv", ".parquet", ".npz")
 
 class FileDataModule(TensorDataModule):
     """Features and labels from ``.csv``, ``.parquet`` or ``.npz`` files.
 
-    CSV/Parquet: ``label_column`` holds the labels, features are ``feature_columns`` (default:
-    every other column, all of which must be numeric). NPZ: ``label_column`` is the label array's
-    key; features come from key ``x`` or ``feature_columns[0]``.
+    CSV/Parquet: real tables. ``label_column`` holds the labels; every other column (or only
+    ``feature_columns``) is a candidate input whose role -- numeric, binary, categorical, or dropped as
+    ID-like, constant or free text -- is inferred from the training rows unless ``categorical_columns``,
+    ``numeric_columns`` or ``drop_columns`` set it. Missing numbers get the training median plus a
+    missing-value indicator input; missing or unseen categories get their own code; numeric columns are
+    transformed by ``numeric_transform`` (``standardize``, ``quantile_normal`` or ``none``; binary inputs,
+    indicators and codes never are). See :class:`~xentlit.data.tabular.TabularPreprocessor`, which is fitted on
+    the training rows only and stored in checkpoints as plain data (``describe()`` prints the schema).
+
+    NPZ: numeric arrays. ``label_column`` is the label array's key; features come from key ``x`` or
+    ``feature_columns[0]``, standardised as a whole with ``standardize``.
 
     Labels: strings map to indices in sorted order (the class names); integers are used as is
     (``ignore_index`` allowed); whole-number floats are cast; missing labels (NaN/None/empty
@@ -36,6 +48,10 @@ class FileDataModule(TensorDataModule):
         path: str,
         label_column: str = "label",
         feature_columns: Sequence[str] | None = None,
+        categorical_columns: Sequence[str] | None = None,
+        numeric_columns: Sequence[str] | None = None,
+        drop_columns: Sequence[str] | None = None,
+        numeric_transform: str | None = None,
         val_path: str | None = None,
         test_path: str | None = None,
         num_classes: int | None = None,
@@ -55,20 +71,106 @@ class FileDataModule(TensorDataModule):
                 _check_suffix(name, str(p))
         self.path = str(path)
         self.label_column = str(label_column)
-        self.feature_columns = list(feature_columns) if feature_columns is not None else None
+        self.feature_columns = [str(c) for c in feature_columns] if feature_columns is not None else None
         self.val_path = str(val_path) if val_path is not None else None
         self.test_path = str(test_path) if test_path is not None else None
         self.num_classes_arg = int(num_classes) if num_classes is not None else None
         self._label_mapping: dict[str, int] | None = None
+        self.tabular = Path(self.path).suffix.lower() != ".npz"
+        transform = numeric_transform or ("standardize" if self.standardize else "none")
+        # Validates the role options now (a typo in numeric_transform fails before any data is read).
+        self._blank_preprocessor = TabularPreprocessor(
+            label_column=self.label_column, feature_columns=self.feature_columns,
+            categorical_columns=list(categorical_columns or ()), numeric_columns=list(numeric_columns or ()),
+            drop_columns=list(drop_columns or ()), numeric_transform=transform,
+        )
+        self.preprocessor: TabularPreprocessor | None = None  # fitted at set-up (or loaded from a checkpoint)
+        self._loaded_preprocessor = False
 
+    # ---------------------------------------------------------------- the tabular pipeline
+    @property
+    def standardizes_features(self) -> bool:
+        """Tables are scaled column by column by the preprocessor; only NPZ arrays use ``standardize``."""
+        return not self.tabular
+
+    @property
+    def categorical_cardinalities(self) -> list[int]:
+        """Cardinality of each categorical input (the last columns of ``x``); see the base class."""
+        self._ensure_setup()
+        return self.preprocessor.categorical_cardinalities_ if self.preprocessor is not None else []
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """Name of each input column of ``x`` (None for NPZ arrays)."""
+        self._ensure_setup()
+        return self.preprocessor.output_names_ if self.preprocessor is not None else None
+
+    def describe(self) -> str:
+        """The table's schema: each column's role and why (empty for NPZ arrays)."""
+        self._ensure_setup()
+        return self.preprocessor.describe() if self.preprocessor is not None else ""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base statistics plus the fitted tabular preprocessing, as plain data."""
+        state = super().state_dict()
+        if self.preprocessor is not None:
+            state["tabular"] = self.preprocessor.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Adopt a checkpoint's preprocessing: the inputs are then built exactly as in the run that saved it."""
+        super().load_state_dict(state_dict)
+        if "tabular" not in state_dict:
+            return
+        loaded = TabularPreprocessor.from_state_dict(state_dict["tabular"])
+        if self.preprocessor is not None and loaded.state_dict() == self.preprocessor.state_dict():
+            return  # the usual resume: the same data gave the same preprocessing
+        self.preprocessor, self._loaded_preprocessor = loaded, True
+        if self._is_setup:
+            self._setup_splits()
+
+    # ---------------------------------------------------------------- loading
     def load(self) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-        """Features, encoded labels and class names from ``path``."""
-        x, raw = self._read(self.path)
+        """Features, encoded labels and class names from ``path`` (all rows; NPZ or an all-numeric table)."""
+        x, raw = read_table(self.path, self.label_column, self.feature_columns)
+        assert raw is not None
         y, names = self._encode_labels(raw, self.path, main=True)
         return x, y, names
 
     def load_splits(self) -> tuple[Split, Split, Split]:
-        """Predefined splits from ``val_path``/``test_path`` when given, else the base split."""
+        """The splits: carved from ``path`` by the fractions, or read from ``val_path``/``test_path``."""
+        if not self.tabular:
+            return self._load_npz_splits()
+        table = read_frame(self.path, self.label_column)
+        y = self._labels(table, self.path, main=True)
+        vf = 0.0 if self.val_path is not None else self.val_fraction
+        tf = 0.0 if self.test_path is not None else self.test_fraction
+        rows = self._split_rows(y, vf, tf)
+        if not self._loaded_preprocessor:
+            self.preprocessor = copy.deepcopy(self._blank_preprocessor).fit(table, rows["train"], source=self.path)
+        pre = self.preprocessor
+        assert pre is not None
+        splits = {name: (torch.from_numpy(pre.transform(table, idx, source=self.path)), y[torch.from_numpy(idx)])
+                  for name, idx in rows.items()}
+        del table
+        for name, other in (("val", self.val_path), ("test", self.test_path)):
+            if other is not None:
+                table = read_frame(other, self.label_column)
+                splits[name] = (torch.from_numpy(pre.transform(table, source=other)), self._labels(table, other))
+        return splits["train"], splits["val"], splits["test"]
+
+    def _labels(self, table: Any, path: str, main: bool = False) -> Tensor:
+        """The encoded label column of a table read by :func:`read_frame`."""
+        if self.label_column not in table.column_names:
+            raise ValueError(f"label column {self.label_column!r} not found in {path}; "
+                             f"available columns: {table.column_names}")
+        raw = table.column(self.label_column).to_numpy(zero_copy_only=False)
+        y, names = self._encode_labels(raw, path, main=main)
+        if main:
+            self._source_class_names = names
+        return _as_targets(y, len(y), self.ignore_index, f"file {path}")
+
+    def _load_npz_splits(self) -> tuple[Split, Split, Split]:
         if self.val_path is None and self.test_path is None:
             return super().load_splits()
         x, y, names = self.load()
@@ -80,7 +182,8 @@ class FileDataModule(TensorDataModule):
         train, val, test = self._split_by_fractions(xt, yt, vf, tf)
 
         def other(p: str) -> Split:
-            xo, raw = self._read(p)
+            xo, raw = read_table(p, self.label_column, self.feature_columns)
+            assert raw is not None
             yo, _ = self._encode_labels(raw, p, main=False)
             xo_t = _as_features(xo, f"file {p}")
             return xo_t, _as_targets(yo, len(xo_t), self.ignore_index, f"file {p}")
@@ -90,14 +193,6 @@ class FileDataModule(TensorDataModule):
         if self.test_path is not None:
             test = other(self.test_path)
         return train, val, test
-
-    # ---------------------------------------------------------------- readers
-
-    def _read(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, raw labels) from one file."""
-        x, raw = read_table(path, self.label_column, self.feature_columns)
-        assert raw is not None
-        return x, raw
 
     def _encode_labels(
         self, raw: np.ndarray, path: str, main: bool
@@ -110,7 +205,7 @@ class FileDataModule(TensorDataModule):
         is_string = raw.dtype.kind in "USO"
         if main:
             self._label_mapping = (
-                {v: i for i, v in enumerate(sorted({str(v) for v in raw[~missing]}))}
+                {v: i for i, v in enumerate(sorted(set(np.unique(raw[~missing].astype(str)).tolist())))}
                 if is_string
                 else None
             )
@@ -121,14 +216,17 @@ class FileDataModule(TensorDataModule):
             )
         y = np.full(len(raw), self.ignore_index, dtype=np.int64)
         if self._label_mapping is not None:
-            for row in np.flatnonzero(~missing):
-                key = str(raw[row])
-                if key not in self._label_mapping:
-                    raise ValueError(
-                        f"label {key!r} at row {row} of {path} does not occur in {self.path}; "
-                        f"known labels: {list(self._label_mapping)}"
-                    )
-                y[row] = self._label_mapping[key]
+            import pandas as pd
+
+            keys = pd.Series(raw[~missing]).astype(str)
+            codes = pd.Categorical(keys, categories=list(self._label_mapping)).codes
+            if (codes < 0).any():
+                row = int(np.flatnonzero(~missing)[np.flatnonzero(codes < 0)[0]])
+                raise ValueError(
+                    f"label {str(raw[row])!r} at row {row} of {path} does not occur in {self.path}; "
+                    f"known labels: {list(self._label_mapping)}"
+                )
+            y[~missing] = codes
             names: list[str] | None = list(self._label_mapping)
         else:
             vals = raw.astype(np.float64)
@@ -159,17 +257,69 @@ class FileDataModule(TensorDataModule):
         return y, names
 
 
+def read_frame(path: str | Path, label_column: str | None = None) -> Any:
+    """A CSV or Parquet file as a pyarrow Table, with one-line errors that name the file.
+
+    CSV: pyarrow's multi-threaded reader; floating columns are read as float32 (half the memory of the
+    float64 they would otherwise be); a column whose type the first block guessed wrong is read again wider.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    suffix = _check_suffix("path", str(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: expected a header line and rows")
+    try:
+        if suffix == ".parquet":
+            table = pq.read_table(p)
+        else:
+            with pacsv.open_csv(p) as reader:
+                schema = reader.schema
+            types = {f.name: pa.float32() for f in schema if pa.types.is_floating(f.type) and f.name != label_column}
+            for _ in range(2 * len(schema.names) + 1):
+                try:
+                    table = pacsv.read_csv(p, convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+                    break
+                except pa.ArrowInvalid as err:
+                    column = _failed_column(str(err), schema.names)
+                    if column is None:
+                        raise
+                    guessed = types.get(column, schema.field(column).type)
+                    types[column] = pa.string() if pa.types.is_floating(guessed) else pa.float64()
+            else:
+                raise ValueError("column types kept changing")
+    except (pa.ArrowInvalid, OSError) as err:
+        message = str(err).splitlines()[0]
+        raise ValueError(f"{path} cannot be read as {suffix[1:].upper()}: {message}") from None
+    if table.num_rows == 0:
+        raise ValueError(f"{path} has a header but no rows")
+    return table
+
+
+def _failed_column(message: str, names: list[str]) -> str | None:
+    """The column a pyarrow CSV conversion error names ("In CSV column #3: ... conversion error ...")."""
+    import re
+
+    found = re.search(r"CSV column #(\d+).*conversion error", message)
+    return names[int(found.group(1))] if found and int(found.group(1)) < len(names) else None
+
+
 def read_table(
     path: str | Path,
     label_column: str | None = "label",
     feature_columns: Sequence[str] | None = None,
     require_label: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(features, raw labels)`` from a CSV, Parquet or NPZ file, with errors that name what is wrong.
+    """``(features, raw labels)`` of an all-numeric CSV, Parquet or NPZ file (errors name what is wrong).
 
-    Features are every column except the label (or ``feature_columns``); for ``.npz`` the features are the
-    array ``x`` (or ``feature_columns[0]``) and the labels the array ``label_column``. With
-    ``require_label=False`` a missing label column is allowed (prediction inputs) and the labels are None.
+    Features are every column except the label (or ``feature_columns``), in file order; for ``.npz`` the features
+    are the array ``x`` (or ``feature_columns[0]``) and the labels the array ``label_column``. With
+    ``require_label=False`` a missing label column is allowed (prediction inputs) and the labels are None. Tables
+    with text, missing values or IDs go through :class:`FileDataModule`'s tabular pipeline instead.
     """
     p = Path(path)
     suffix = _check_suffix("path", str(path))
@@ -177,11 +327,8 @@ def read_table(
         raise FileNotFoundError(f"data file not found: {path}")
     if suffix == ".npz":
         return _read_npz(p, label_column, feature_columns, require_label)
-    import pandas as pd
-
-    df = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
-    columns = [str(c) for c in df.columns]
-    df.columns = columns
+    table = read_frame(p, label_column)
+    columns = [str(c) for c in table.column_names]
     has_label = label_column is not None and label_column in columns
     if require_label and not has_label:
         raise ValueError(f"label column {label_column!r} not found in {path}; available columns: {columns}")
@@ -194,14 +341,17 @@ def read_table(
         feats = [c for c in columns if c != label_column]
     if not feats:
         raise ValueError(f"{path} has no feature columns besides {label_column!r}")
-    non_numeric = [c for c in feats if not pd.api.types.is_numeric_dtype(df[c])]
+    import pyarrow as pa
+
+    non_numeric = [c for c in feats if not (pa.types.is_integer(table.schema.field(c).type)
+                                            or pa.types.is_floating(table.schema.field(c).type))]
     if non_numeric:
         raise ValueError(
             f"non-numeric feature column(s) in {path}: "
-            + ", ".join(f"{c!r} ({df[c].dtype})" for c in non_numeric)
+            + ", ".join(f"{c!r} ({table.schema.field(c).type})" for c in non_numeric)
         )
-    x = df[feats].to_numpy(dtype=np.float64)
-    return x, (df[label_column].to_numpy() if has_label else None)
+    x = np.column_stack([table.column(c).to_numpy().astype(np.float64, copy=False) for c in feats])
+    return x, (table.column(label_column).to_numpy(zero_copy_only=False) if has_label else None)
 
 
 def _read_npz(
