@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF
+from xentlit.cli import resolve_monitor
 
 GROUPS = {
     group.name: sorted(p.stem for p in group.glob("*.yaml"))
@@ -72,6 +73,7 @@ def test_every_shipped_option_composes_and_instantiates(compose, group, option, 
         csv.write_text("\n".join(rows) + "\n")
         overrides.append(f"data.path={csv}")
     cfg = compose(*overrides)
+    resolve_monitor(cfg, instantiate(cfg.loss))  # as the training script does before instantiating
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if (group, option) in NEEDS_CUDA and not torch.cuda.is_available():
         with pytest.raises(Exception, match="(?i)gpu|cuda"):
@@ -150,3 +152,30 @@ def test_unknown_option_names_the_valid_ones(compose):
         compose("optimizer=adamm")
     message = str(info.value)
     assert "adamm" in message and "adamw" in message and "sgd" in message
+
+
+@pytest.mark.parametrize(("overrides", "metric", "mode"), [
+    ((), "val/nll", "min"),
+    (("loss.label_smoothing=0.2",), "val/nll", "min"),
+    (("loss.class_weights=balanced",), "val/balanced_acc", "max"),
+    (("loss=class_balanced",), "val/balanced_acc", "max"),
+    (("loss=logit_adjusted",), "val/balanced_acc", "max"),
+    (("loss=logit_adjusted", "loss.tau=0"), "val/nll", "min"),
+    (("monitor.metric=val/f1_macro",), "val/f1_macro", "max"),
+    (("monitor.metric=val/loss",), "val/loss", "min"),
+    (("monitor.metric=val/acc", "monitor.mode=min"), "val/acc", "min"),
+])
+def test_the_monitor_picks_checkpoints_stops_early_and_drives_plateau(compose, tmp_path, overrides, metric, mode):
+    cfg = compose(*overrides, "scheduler=plateau", f"paths.output_dir={tmp_path}")
+    resolve_monitor(cfg, instantiate(cfg.loss))
+    checkpoint = instantiate(cfg.callbacks.model_checkpoint)
+    stopping = instantiate(cfg.callbacks.early_stopping)
+    assert (checkpoint.monitor, checkpoint.mode) == (metric, mode)
+    assert (stopping.monitor, stopping.mode) == (metric, mode)
+    assert cfg.scheduler.monitor == metric and cfg.scheduler.scheduler.mode == mode
+
+
+def test_a_bad_monitor_mode_fails_at_start_up(compose, tmp_path):
+    cfg = compose("monitor.mode=up", f"paths.output_dir={tmp_path}")
+    with pytest.raises(ValueError, match="monitor.mode must be min, max or auto, got 'up'"):
+        resolve_monitor(cfg, instantiate(cfg.loss))

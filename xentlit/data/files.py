@@ -297,6 +297,11 @@ def read_frame(path: str | Path, label_column: str | None = None) -> Any:
         raise ValueError(f"{path} cannot be read as {suffix[1:].upper()}: {message}") from None
     if table.num_rows == 0:
         raise ValueError(f"{path} has a header but no rows")
+    for f in table.schema:
+        if suffix == ".csv" and pa.types.is_binary(f.type):  # pyarrow's fallback for bytes that are not UTF-8
+            sample = next(v for v in table.column(f.name).to_pylist() if v is not None)
+            raise ValueError(f"column {f.name!r} of {path} is not UTF-8 text (e.g. {sample[:40]!r}); "
+                             "save the file as UTF-8")
     return table
 
 

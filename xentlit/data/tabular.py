@@ -102,6 +102,8 @@ def _as_numbers(s: pd.Series, name: str, source: str, rows: np.ndarray | None) -
                              "numeric input of the model: expected a number or an empty cell")
         s = pd.to_numeric(s, errors="coerce")
     values = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    if not values.flags.writeable:  # a view of pyarrow's buffers; imputation writes into it
+        values = values.copy()
     inf = np.isinf(values)
     if inf.any():
         row = _row(int(np.flatnonzero(inf)[0]), rows)
@@ -147,8 +149,8 @@ def _infer_role(name: str, s: pd.Series, kind: str) -> tuple[str, str]:
             distinct = len(np.unique(v)) == len(v)
             if distinct and _ID_NAME.search(name):
                 return "dropped", "ID-like: an identifier's name and every value distinct"
-            if distinct and kind == "integer" and hi - lo + 1 == len(v):
-                return "dropped", "ID-like: a row number (distinct consecutive integers)"
+            if distinct and kind == "integer" and bool(np.all(np.diff(v) > 0)):
+                return "dropped", "ID-like: a row number (distinct integers increasing down the file)"
         if bool(np.all((v == 0) | (v == 1))):
             return "binary", "two values, 0 and 1"
         return "numeric", kind
