@@ -263,12 +263,13 @@ def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path):
 def test_debug_presets_compose_and_build_a_trainer(compose, preset, tmp_path):
     from hydra.utils import instantiate
 
-    from xentlit.cli import _instantiate_group
+    from xentlit.cli import _instantiate_group, resolve_monitor
 
     cfg = compose(f"debug={preset}", f"paths.output_dir={tmp_path}")
     # debug runs land in outputs/debug/, apart from real ones (needs `_self_` first in train.yaml's defaults)
     assert cfg.task_name == "debug", "conf/train.yaml's own values override the debug preset's"
     assert cfg.trainer.deterministic is True
+    resolve_monitor(cfg, instantiate(cfg.loss))  # as the training script does
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_group(cfg.callbacks), logger=False)
     if preset == "fdr":
         assert trainer.fast_dev_run == 1 and trainer.checkpoint_callback is None

@@ -147,12 +147,13 @@ def xentlit_default(x: torch.Tensor, y: torch.Tensor, batch_size: int, out_dir: 
     """D: the callbacks and logger of ``conf/train.yaml`` (composed from the shipped config)."""
     from hydra import compose, initialize_config_dir
 
-    from xentlit.cli import _instantiate_group
+    from xentlit.cli import _instantiate_group, resolve_monitor
     from xentlit.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={out_dir}"])
+    resolve_monitor(cfg, None)
     # Validation is off, so the callbacks that monitor a validation metric are replaced by an
     # unconditional end-of-epoch checkpoint (the same disk work).
     skip = {"EarlyStopping", "ModelCheckpoint"} | (set() if doctor else {"ConvergenceDoctor"})

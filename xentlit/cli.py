@@ -78,7 +78,9 @@ def build_module(
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Callback, ...] = ()) -> pl.Trainer:
-    """The Trainer of ``cfg`` with its loggers and callbacks."""
+    """The Trainer of ``cfg`` with its loggers and callbacks (``monitor: auto`` resolved first)."""
+    if cfg.get("monitor") is not None and "auto" in (cfg.monitor.metric, cfg.monitor.mode):
+        resolve_monitor(cfg, instantiate(cfg.loss) if cfg.get("loss") else None)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = _instantiate_group(cfg.get("logger"))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -515,7 +517,7 @@ def _label_metrics(labels: Any, logits: torch.Tensor, class_names: list[str], la
         keys = values.map(lambda v: None if pd.isna(v) else (str(int(v)) if float(v) == int(v) else str(v)))
     else:
         keys = values.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    codes = pd.Categorical(keys, categories=class_names).codes
+    codes = pd.Index(class_names).get_indexer(keys)  # -1: missing or not a class of the model
     known = codes >= 0
     result: dict[str, Any] = {"rows": int(len(codes)), "rows_with_known_label": int(known.sum())}
     unknown = keys[(~known) & keys.notna().to_numpy()]

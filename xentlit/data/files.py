@@ -219,7 +219,7 @@ class FileDataModule(TensorDataModule):
             import pandas as pd
 
             keys = pd.Series(raw[~missing]).astype(str)
-            codes = pd.Categorical(keys, categories=list(self._label_mapping)).codes
+            codes = pd.Index(list(self._label_mapping)).get_indexer(keys)
             if (codes < 0).any():
                 row = int(np.flatnonzero(~missing)[np.flatnonzero(codes < 0)[0]])
                 raise ValueError(

@@ -19,6 +19,7 @@ Everything fitted is plain data (:meth:`state_dict`): it goes into checkpoints t
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -84,8 +85,10 @@ def _kind(s: pd.Series) -> str:
     if pd.api.types.is_numeric_dtype(s):
         return "number"
     present = s.dropna()
-    if len(present) and present.map(type).isin([bool, np.bool_]).all():
+    if len(present) and isinstance(present.iloc[0], (bool, np.bool_)) and present.map(type).isin([bool, np.bool_]).all():
         return "boolean"  # booleans with missing values arrive as objects
+    if len(present) and isinstance(present.iloc[0], datetime.date):  # pyarrow's date32 arrives as datetime.date
+        return "datetime"
     return "text"
 
 
@@ -288,7 +291,7 @@ class TabularPreprocessor:
         start = len(dense) + len(indicators)
         for j, spec in enumerate(codes):
             keys = _category_keys(_series(table, spec.name, rows))
-            out[:, start + j] = pd.Categorical(keys, categories=spec.categories).codes + 1  # -1 (missing/unseen) -> 0
+            out[:, start + j] = pd.Index(spec.categories).get_indexer(keys) + 1  # -1 (missing/unseen) -> 0
         return out
 
     def _numeric(self, spec: ColumnSpec, v: np.ndarray) -> np.ndarray:
