@@ -474,6 +474,7 @@ def predict(cfg: DictConfig) -> Path:
 def _prediction_inputs(cfg: DictConfig, run_cfg: DictConfig, info: dict[str, Any], label_column: str) -> tuple:
     """``(features, columns to copy through or None, raw labels or None)`` of the prediction input file."""
     import numpy as np
+    import pandas as pd
 
     from xentlit.data import read_table
     from xentlit.data.files import read_frame
@@ -485,8 +486,8 @@ def _prediction_inputs(cfg: DictConfig, run_cfg: DictConfig, info: dict[str, Any
         x = preprocessor.transform(frame, source=str(cfg.input))
         inputs = {c.name for c in preprocessor.columns_ if c.role != "dropped"}
         keep = [c for c in frame.column_names if c not in inputs]
-        passthrough = frame.select(keep).to_pandas() if keep else None
-        labels = frame.column(label_column).to_numpy(zero_copy_only=False) if label_column in frame.column_names else None
+        passthrough = pd.DataFrame({c: frame[c] for c in keep}) if keep else None
+        labels = np.asarray(frame[label_column]) if label_column in frame else None
         return torch.from_numpy(x), passthrough, labels
     num_features = int(info["num_features"])
     x, labels = read_table(cfg.input, label_column=label_column,

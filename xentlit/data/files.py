@@ -14,7 +14,7 @@ from torch import Tensor
 
 from xentlit.data.base import Split, TensorDataModule
 from xentlit.data.checks import _as_features, _as_targets, _check_int
-from xentlit.data.tabular import TabularPreprocessor
+from xentlit.data.tabular import Columns, TabularPreprocessor
 
 _SUPPORTED_SUFFIXES = (".csv", ".parquet", ".npz")
 
@@ -150,9 +150,9 @@ class FileDataModule(TensorDataModule):
             self.preprocessor = copy.deepcopy(self._blank_preprocessor).fit(table, rows["train"], source=self.path)
         pre = self.preprocessor
         assert pre is not None
-        splits = {name: (torch.from_numpy(pre.transform(table, idx, source=self.path)), y[torch.from_numpy(idx)])
-                  for name, idx in rows.items()}
-        del table
+        features = pre.transform_splits(table, rows, source=self.path)
+        splits = {name: (torch.from_numpy(features[name]), y[torch.from_numpy(idx)]) for name, idx in rows.items()}
+        del table, features
         for name, other in (("val", self.val_path), ("test", self.test_path)):
             if other is not None:
                 table = read_frame(other, self.label_column)
@@ -161,10 +161,10 @@ class FileDataModule(TensorDataModule):
 
     def _labels(self, table: Any, path: str, main: bool = False) -> Tensor:
         """The encoded label column of a table read by :func:`read_frame`."""
-        if self.label_column not in table.column_names:
+        if self.label_column not in table:
             raise ValueError(f"label column {self.label_column!r} not found in {path}; "
                              f"available columns: {table.column_names}")
-        raw = table.column(self.label_column).to_numpy(zero_copy_only=False)
+        raw = np.asarray(table[self.label_column])
         y, names = self._encode_labels(raw, path, main=main)
         if main:
             self._source_class_names = names
@@ -257,11 +257,13 @@ class FileDataModule(TensorDataModule):
         return y, names
 
 
-def read_frame(path: str | Path, label_column: str | None = None) -> Any:
-    """A CSV or Parquet file as a pyarrow Table, with one-line errors that name the file.
+def read_frame(path: str | Path, label_column: str | None = None) -> Columns:
+    """A CSV or Parquet file as :class:`~xentlit.data.tabular.Columns`, with one-line errors that name the file.
 
-    CSV: pyarrow's multi-threaded reader; floating columns are read as float32 (half the memory of the
-    float64 they would otherwise be); a column whose type the first block guessed wrong is read again wider.
+    The file is read batch by batch (pyarrow's streaming CSV reader; Parquet row groups): each batch's number
+    columns go straight into growing numpy arrays (floats as float32, half the memory of float64) and the batch is
+    dropped, so memory is bounded by the columns themselves, not by the file or pyarrow's buffers. A CSV column whose
+    type the first block guessed wrong is read again wider.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -275,14 +277,23 @@ def read_frame(path: str | Path, label_column: str | None = None) -> Any:
         raise ValueError(f"{path} is empty: expected a header line and rows")
     try:
         if suffix == ".parquet":
-            table = pq.read_table(p)
+            parquet = pq.ParquetFile(p)
+            columns = _collect(parquet.iter_batches(), parquet.schema_arrow, label_column, parquet.metadata.num_rows)
         else:
             with pacsv.open_csv(p) as reader:
                 schema = reader.schema
+                try:
+                    first = reader.read_next_batch()
+                except StopIteration:
+                    raise ValueError(f"{path} has a header but no rows") from None
+            # rows in the file, from the first block (~1 MiB of it): an overestimate costs no memory (see _collect)
+            expected = int(1.25 * first.num_rows * max(1.0, p.stat().st_size / pacsv.ReadOptions().block_size)) + 1
             types = {f.name: pa.float32() for f in schema if pa.types.is_floating(f.type) and f.name != label_column}
             for _ in range(2 * len(schema.names) + 1):
                 try:
-                    table = pacsv.read_csv(p, convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+                    options = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
+                    with pacsv.open_csv(p, convert_options=options) as reader:
+                        columns = _collect(reader, reader.schema, label_column, expected)
                     break
                 except pa.ArrowInvalid as err:
                     column = _failed_column(str(err), schema.names)
@@ -295,14 +306,76 @@ def read_frame(path: str | Path, label_column: str | None = None) -> Any:
     except (pa.ArrowInvalid, OSError) as err:
         message = str(err).splitlines()[0]
         raise ValueError(f"{path} cannot be read as {suffix[1:].upper()}: {message}") from None
-    if table.num_rows == 0:
+    if columns.num_rows == 0:
         raise ValueError(f"{path} has a header but no rows")
-    for f in table.schema:
-        if suffix == ".csv" and pa.types.is_binary(f.type):  # pyarrow's fallback for bytes that are not UTF-8
-            sample = next(v for v in table.column(f.name).to_pylist() if v is not None)
-            raise ValueError(f"column {f.name!r} of {path} is not UTF-8 text (e.g. {sample[:40]!r}); "
+    for name, values in columns.items():
+        if suffix == ".csv" and values.dtype == object and len(values.dropna()) and isinstance(
+                values.dropna().iloc[0], bytes):  # pyarrow's fallback for bytes that are not UTF-8
+            raise ValueError(f"column {name!r} of {path} is not UTF-8 text (e.g. {values.dropna().iloc[0][:40]!r}); "
                              "save the file as UTF-8")
-    return table
+    return columns
+
+
+def _collect(batches: Any, schema: Any, label_column: str | None, expected_rows: int) -> Columns:
+    """Consume record batches into :class:`Columns`: number columns as numpy arrays, the rest as pandas Series.
+
+    Number columns are copied batch by batch into arrays preallocated for ``expected_rows`` (an estimate: pages
+    never written cost no memory, and an array that fills up doubles), so no batch outlives its own step.
+    """
+    import pyarrow as pa
+
+    numeric = {f.name for f in schema if f.name != label_column and not pa.types.is_dictionary(f.type)
+               and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))}
+    _check_unique_names([str(n) for n in schema.names])
+    growing = {name: _Growing(np.float32 if pa.types.is_float32(schema.field(name).type) else
+                              np.float64 if pa.types.is_floating(schema.field(name).type) else np.int64,
+                              expected_rows) for name in numeric}
+    others: dict[str, list[Any]] = {name: [] for name in schema.names if name not in numeric}
+    for batch in batches:
+        for name, column in zip(schema.names, batch.columns):
+            if name in numeric:
+                growing[name].append(column.to_numpy(zero_copy_only=False))
+            else:
+                others[name].append(column)
+        del batch
+    pa.default_memory_pool().release_unused()  # the batches' buffers, kept by pyarrow's allocator for reuse
+    columns = Columns()
+    for name in schema.names:
+        if name in numeric:
+            columns[str(name)] = growing.pop(name).values()
+        else:
+            columns[str(name)] = pa.chunked_array(others.pop(name), type=schema.field(name).type).to_pandas()
+    return columns
+
+
+class _Growing:
+    """A 1-D numpy array filled a batch at a time (integers switch to float64 when a batch brings missing values)."""
+
+    def __init__(self, dtype: Any, capacity: int) -> None:
+        self.data = np.empty(max(capacity, 16), dtype=dtype)
+        self.size = 0
+
+    def append(self, values: np.ndarray) -> None:
+        if values.dtype.kind == "f" and self.data.dtype.kind in "iu":
+            self.data = self.data.astype(np.float64)
+        end = self.size + len(values)
+        if end > len(self.data):
+            bigger = np.empty(max(end, 2 * len(self.data)), dtype=self.data.dtype)
+            bigger[: self.size] = self.data[: self.size]
+            self.data = bigger
+        self.data[self.size : end] = values
+        self.size = end
+
+    def values(self) -> np.ndarray:
+        return self.data[: self.size]
+
+
+def _check_unique_names(names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"two columns are named {name!r}; column names must be unique")
+        seen.add(name)
 
 
 def _failed_column(message: str, names: list[str]) -> str | None:
@@ -333,7 +406,7 @@ def read_table(
     if suffix == ".npz":
         return _read_npz(p, label_column, feature_columns, require_label)
     table = read_frame(p, label_column)
-    columns = [str(c) for c in table.column_names]
+    columns = table.column_names
     has_label = label_column is not None and label_column in columns
     if require_label and not has_label:
         raise ValueError(f"label column {label_column!r} not found in {path}; available columns: {columns}")
@@ -346,17 +419,14 @@ def read_table(
         feats = [c for c in columns if c != label_column]
     if not feats:
         raise ValueError(f"{path} has no feature columns besides {label_column!r}")
-    import pyarrow as pa
-
-    non_numeric = [c for c in feats if not (pa.types.is_integer(table.schema.field(c).type)
-                                            or pa.types.is_floating(table.schema.field(c).type))]
+    non_numeric = [c for c in feats if np.asarray(table[c]).dtype.kind not in "biuf"]
     if non_numeric:
         raise ValueError(
             f"non-numeric feature column(s) in {path}: "
-            + ", ".join(f"{c!r} ({table.schema.field(c).type})" for c in non_numeric)
+            + ", ".join(f"{c!r} ({np.asarray(table[c]).dtype})" for c in non_numeric)
         )
-    x = np.column_stack([table.column(c).to_numpy().astype(np.float64, copy=False) for c in feats])
-    return x, (table.column(label_column).to_numpy(zero_copy_only=False) if has_label else None)
+    x = np.column_stack([np.asarray(table[c], dtype=np.float64) for c in feats])
+    return x, (np.asarray(table[label_column]) if has_label else None)
 
 
 def _read_npz(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["ColumnSpec", "TabularPreprocessor", "NUMERIC_TRANSFORMS"]
+__all__ = ["Columns", "ColumnSpec", "TabularPreprocessor", "NUMERIC_TRANSFORMS"]
 
 NUMERIC_TRANSFORMS = ("standardize", "quantile_normal", "none")
 ROLES = ("numeric", "binary", "categorical", "dropped")
@@ -37,6 +37,7 @@ STATE_VERSION = 1
 _ID_NAME = re.compile(r"(^|[_\W])(id|ids|uuid|guid|key)$|^(id|uuid|guid)([_\W]|$)|^(index|row|rownum|row_number)$",
                       re.IGNORECASE)
 _MAX_QUANTILES = 1000
+_BLOCK = 16  # columns transformed together (see transform_splits)
 _HIGH_CARDINALITY_MIN = 20  # a text column is dropped as free text when it has more distinct values than this
 _HIGH_CARDINALITY_RATIO = 0.5  # ... and they make up more than this share of its values
 
@@ -58,12 +59,30 @@ class ColumnSpec:
     categories: list[str] = field(default_factory=list)  # categorical: code i + 1 is categories[i]
 
 
+class Columns(dict):
+    """A table as ``name -> 1-D column`` (numpy array or pandas Series), in file order: what
+    :func:`~xentlit.data.files.read_frame` returns, and one of the table types the preprocessor takes."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return [str(name) for name in self]
+
+    @property
+    def num_rows(self) -> int:
+        return len(next(iter(self.values()))) if self else 0
+
+
 def _column_names(table: Any) -> list[str]:
     return [str(c) for c in (table.column_names if hasattr(table, "column_names") else table.columns)]
 
 
 def _series(table: Any, name: str, rows: np.ndarray | None) -> pd.Series:
-    """Column ``name`` (the given rows) of a pandas DataFrame or a pyarrow Table, as a pandas Series."""
+    """Column ``name`` (the given rows) of :class:`Columns`, a pandas DataFrame or a pyarrow Table, as a Series."""
+    if isinstance(table, Columns):
+        column = table[name]
+        if isinstance(column, np.ndarray):
+            return pd.Series(column if rows is None else column[rows])
+        return column.iloc[rows].reset_index(drop=True) if rows is not None else column
     if hasattr(table, "column_names"):  # pyarrow.Table: convert one column (and only the rows asked for)
         column = table.column(name)
         if rows is not None:
@@ -267,6 +286,12 @@ class TabularPreprocessor:
     # -------------------------------------------------------------------------------------- transforming
     def transform(self, table: Any, rows: np.ndarray | None = None, source: str = "the table") -> np.ndarray:
         """The float32 input matrix of ``rows`` of ``table``; columns are matched by name, extra ones ignored."""
+        return self.transform_splits(table, {"rows": rows}, source)["rows"]
+
+    def transform_splits(self, table: Any, splits: dict[str, np.ndarray | None],
+                         source: str = "the table") -> dict[str, np.ndarray]:
+        """One float32 input matrix per entry of ``splits`` (name -> row indices, None for all rows), reading each
+        column of ``table`` once."""
         self._check_fitted()
         names = _column_names(table)
         _check_unique(names, source)
@@ -275,23 +300,32 @@ class TabularPreprocessor:
         if absent:
             raise ValueError(f"{source} lacks column(s) {absent} that the model was trained on; "
                              f"its columns: {names}")
-        n = len(rows) if rows is not None else (table.num_rows if hasattr(table, "num_rows") else len(table))
-        out = np.empty((n, self.num_features), dtype=np.float32)
+        n_rows = table.num_rows if hasattr(table, "num_rows") else len(table)
+        out = {name: np.empty((n_rows if idx is None else len(idx), self.num_features), dtype=np.float32)
+               for name, idx in splits.items()}
         dense = [c for c in used if c.role in ("numeric", "binary")]
-        indicators = [c for c in dense if c.indicator]
-        codes = [c for c in used if c.role == "categorical"]
-        indicator_at = {spec.name: len(dense) + k for k, spec in enumerate(indicators)}
-        for j, spec in enumerate(dense):
-            v = _as_numbers(_series(table, spec.name, rows), spec.name, source, rows)
-            nan = np.isnan(v)
-            if spec.name in indicator_at:
-                out[:, indicator_at[spec.name]] = nan
-            v[nan] = spec.fill
-            out[:, j] = self._numeric(spec, v) if spec.role == "numeric" else v
-        start = len(dense) + len(indicators)
-        for j, spec in enumerate(codes):
-            keys = _category_keys(_series(table, spec.name, rows))
-            out[:, start + j] = pd.Index(spec.categories).get_indexer(keys) + 1  # -1 (missing/unseen) -> 0
+        indicator_at = {c.name: len(dense) + k for k, c in enumerate(c for c in dense if c.indicator)}
+        for first in range(0, len(dense), _BLOCK):
+            # Columns are computed into a column-major block, then copied into the row-major matrix a block at a
+            # time: writing one column straight into it would touch every cache line of the matrix per column.
+            block = dense[first : first + _BLOCK]
+            temps = {name: np.empty((m.shape[0], len(block)), dtype=np.float32, order="F") for name, m in out.items()}
+            for k, spec in enumerate(block):
+                values = _as_numbers(_series(table, spec.name, None), spec.name, source, None)
+                for name, idx in splits.items():
+                    v = values if idx is None else values[idx]
+                    nan = np.isnan(v)
+                    if spec.name in indicator_at:
+                        out[name][:, indicator_at[spec.name]] = nan
+                    v = np.where(nan, spec.fill, v)
+                    temps[name][:, k] = self._numeric(spec, v) if spec.role == "numeric" else v
+            for name, temp in temps.items():
+                out[name][:, first : first + len(block)] = temp
+        start = len(dense) + len(indicator_at)
+        for j, spec in enumerate(c for c in used if c.role == "categorical"):
+            codes = pd.Index(spec.categories).get_indexer(_category_keys(_series(table, spec.name, None))) + 1
+            for name, idx in splits.items():  # code 0: missing or unseen
+                out[name][:, start + j] = codes if idx is None else codes[idx]
         return out
 
     def _numeric(self, spec: ColumnSpec, v: np.ndarray) -> np.ndarray:
