@@ -337,3 +337,71 @@ def test_train_then_predict_on_a_messy_table_through_the_scripts(tmp_path, messy
     result = run_script("predict.py", f"ckpt_path={ckpt}", f"input={tmp_path / 'missing.csv'}", cwd=tmp_path,
                         check=False)
     assert result.returncode != 0 and "lacks column(s) ['bmi'] that the model was trained on" in result.stderr
+
+
+# ------------------------------------------------------------------ every existing path with categorical inputs
+@pytest.mark.parametrize("cls, kwargs", [
+    ("xentlit.TensorDataModule", {"x": None, "y": None}),
+    ("xentlit.DigitsDataModule", {}),
+    ("xentlit.SyntheticDataModule", {"num_samples": 300, "num_classes": 3}),
+])
+def test_class_names_from_hydra_round_trip_for_every_datamodule(tmp_path, cls, kwargs):
+    names = ["a", "b", "c"] if "Digits" not in cls else [str(i) for i in range(10)]
+    cfg = OmegaConf.create({"_target_": cls, "class_names": names, "batch_size": 16})
+    if kwargs.get("x", 0) is None:
+        rng = np.random.default_rng(0)
+        dm = instantiate(cfg, x=rng.normal(size=(60, 3)).astype(np.float32), y=np.arange(60) % 3)
+    else:
+        dm = instantiate(cfg, **kwargs)
+    ckpt = _save_and_load(dm, tmp_path)
+    assert ckpt["datamodule_hyper_parameters"]["class_names"] == names
+
+
+def test_on_device_and_steps_per_execution_serve_the_codes_unchanged(messy_csv):
+    dm = FileDataModule(str(messy_csv), label_column="diagnosis", batch_size=16, on_device=True)
+    before = dm.train_dataset.x.clone()
+    dm.to_device("meta")
+    assert dm.train_dataset.x.device.type == "meta" and dm.train_dataset.x.shape == before.shape
+    plain = FileDataModule(str(messy_csv), label_column="diagnosis", batch_size=16)
+    plain.steps_per_execution = 4
+    x, _ = next(iter(plain.train_dataloader()))
+    assert x.shape == (64, plain.num_features)
+    codes = x[:, -1]
+    assert torch.equal(codes, codes.round()) and 0 <= codes.min() and codes.max() < plain.categorical_cardinalities[-1]
+
+
+def test_the_doctor_does_not_mistake_category_codes_for_unscaled_inputs(tmp_path):
+    """Codes of a 40-category column reach 40: the doctor judges the first layer's response, not the codes."""
+    df = messy_frame(600)
+    df["shop"] = [f"shop_{i % 40}" for i in range(len(df))]
+    df.to_csv(tmp_path / "shops.csv", index=False)
+    from xentlit import ConvergenceDoctor
+
+    dm = FileDataModule(str(tmp_path / "shops.csv"), label_column="diagnosis", batch_size=32)
+    assert dm.train_dataset.x[:, -1].max() > 30
+    doctor = ConvergenceDoctor()
+    module = XentModule(MLP(dm.num_features, dm.num_classes, categorical_cardinalities=dm.categorical_cardinalities))
+    pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[doctor], default_root_dir=tmp_path).fit(module, datamodule=dm)
+    assert [f.code for f in doctor.findings] == []
+
+
+@pytest.mark.slow
+def test_ddp_and_resume_with_categorical_inputs_through_the_scripts(tmp_path, messy_csv):
+    data = ["data=files", f"data.path={messy_csv}", "data.label_column=diagnosis", "data.batch_size=32"]
+    for name in ("ddp", "whole", "part"):
+        (tmp_path / name).mkdir()
+    run_script("train.py", *data, "trainer=ddp_cpu", "trainer.max_epochs=2", cwd=tmp_path / "ddp")
+    [ddp] = run_dirs(tmp_path / "ddp" / "outputs")
+    assert read_metrics(ddp)["metrics"]["test/acc"] > 0.6
+    whole_dir, part_dir = tmp_path / "whole", tmp_path / "part"
+    run_script("train.py", *data, "trainer.max_epochs=4", "trainer.deterministic=true", cwd=whole_dir)
+    run_script("train.py", *data, "trainer.max_epochs=2", "trainer.deterministic=true", cwd=part_dir)
+    [part] = run_dirs(part_dir / "outputs")
+    run_script("train.py", f"resume={part}", "trainer.max_epochs=4", cwd=part_dir)
+    [whole] = run_dirs(whole_dir / "outputs")
+    expected = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    resumed = torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any("embeddings" in key for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
