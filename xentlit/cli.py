@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xentlit.atomic import atomic_path, write_atomic
 from xentlit.plain import to_plain
+from xentlit.trust import check_targets
 
 METRICS_FILE = "metrics.json"
 RUN_INFO_KEY = "xentlit"
@@ -163,6 +164,16 @@ def run_info(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     return info
 
 
+def _stored_config(checkpoint: dict[str, Any], cfg: DictConfig) -> DictConfig:
+    """The run config stored in a checkpoint, its parts that get built checked against the trusted targets."""
+    stored = run_info(checkpoint, cfg.ckpt_path)["config"]
+    if not isinstance(stored, dict):
+        raise ValueError(f"{cfg.ckpt_path}: the stored run config is not a mapping")
+    built = {key: stored.get(key) for key in ("data", "model", "loss", "optimizer", "scheduler", "module")}
+    check_targets(built, f"checkpoint {cfg.ckpt_path}", cfg.get("trust_targets") or ())
+    return OmegaConf.create(built)
+
+
 def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[[], Any]:
     """The ``main`` of a script in ``scripts/``: registers the schemas, composes ``conf/<config_name>.yaml``
     (Hydra overrides and ``-m`` sweeps from the command line) and calls ``run`` with the config."""
@@ -202,6 +213,10 @@ def _quiet_known_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
 
 
+# Options that choose where a run writes files.
+_OUTPUT_KEYS = ("dirpath", "save_dir", "default_root_dir", "output_dir", "log_dir", "root_dir", "dirpath", "paths")
+
+
 def _argv_for_resume(argv: list[str]) -> list[str]:
     """``resume=<run dir>`` continues that run in its own directory with its own overrides.
 
@@ -215,7 +230,18 @@ def _argv_for_resume(argv: list[str]) -> list[str]:
     recorded = run_dir / ".hydra" / "overrides.yaml"
     if not recorded.is_file():
         raise SystemExit(f"resume={run_dir}: not a run directory of xentlit (no {recorded})")
-    previous = [o for o in OmegaConf.load(recorded) if not str(o).startswith(("resume=", "hydra."))]
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(recorded))
+    except Exception as err:
+        raise SystemExit(f"resume={run_dir}: {recorded} is not a YAML list of overrides ({err})") from None
+    if not isinstance(loaded, list) or not all(isinstance(o, str) for o in loaded):
+        raise SystemExit(f"resume={run_dir}: {recorded} is not a YAML list of overrides")
+    previous = [o for o in loaded if not o.startswith(("resume=", "hydra."))]
+    for override in previous:  # where a run writes is this directory: a recorded override cannot move it
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("paths.", "paths=", "trust_targets")) or key.rsplit(".", 1)[-1] in _OUTPUT_KEYS:
+            raise SystemExit(f"resume={run_dir}: its recorded override {override!r} sets where the run writes or "
+                             "what it trusts; a resumed run writes only into its own directory. Nothing was run")
     now = [arg for arg in argv[1:] if not arg.startswith("resume=")]
     return [argv[0], *previous, *now, f"resume={run_dir.resolve()}", f"hydra.run.dir={run_dir.resolve()}"]
 
@@ -310,6 +336,8 @@ def train(cfg: DictConfig) -> float | None:
 
 def _train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
+    if cfg.get("resume"):  # the run directory's recorded overrides are part of this config: untrusted input
+        check_targets(cfg, f"resume={cfg.resume}", cfg.get("trust_targets") or ())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module, trainer = build(cfg)
     _report_schema(datamodule, Path(trainer.default_root_dir))
@@ -406,7 +434,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     with _distributed_job():
         started = time.perf_counter()
         checkpoint = load_checkpoint(cfg.ckpt_path)
-        run_cfg = OmegaConf.create(run_info(checkpoint, cfg.ckpt_path)["config"])
+        run_cfg = _stored_config(checkpoint, cfg)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(run_cfg.data)
         module = build_module(run_cfg, datamodule.num_features, datamodule.num_classes,
@@ -438,7 +466,7 @@ def predict(cfg: DictConfig) -> Path:
 
     checkpoint = load_checkpoint(cfg.ckpt_path)
     info = run_info(checkpoint, cfg.ckpt_path)
-    run_cfg = OmegaConf.create(info["config"])
+    run_cfg = _stored_config(checkpoint, cfg)
     class_names = [str(c) for c in info["class_names"]]
     label_column = run_cfg.get("data", {}).get("label_column", "label")
     features, passthrough, labels = _prediction_inputs(cfg, run_cfg, info, label_column)

@@ -122,6 +122,7 @@ class TrainConfig:
     resume: str | None = None
     optimized_metric: str = "val/acc_best"
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    trust_targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -135,6 +136,7 @@ class EvalConfig:
     task_name: str = "eval"
     ckpt_path: str = MISSING
     seed: int = 42
+    trust_targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class PredictConfig:
     output: str = MISSING
     batch_size: int = 4096
     device: str = "cpu"
+    trust_targets: list[str] = field(default_factory=list)
 
 
 _tensorboard = getattr(pl_loggers, "TensorBoardLogger")

@@ -48,6 +48,8 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from xentlit.atomic import atomic_path
+
 __all__ = [
     "DEFAULT_CURVES",
     "FIGURES",
@@ -84,10 +86,10 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (parent folders created) and return the path."""
+    """Write ``fig`` as a PNG at ``path`` atomically (parent folders created) and return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", facecolor="white")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
     return path
 
 
