@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from xentlit.atomic import atomic_path, write_atomic
+from xentlit.checkpointing import AtomicCheckpointIO
 from xentlit.plain import to_plain
 from xentlit.trust import check_targets
 
@@ -84,7 +85,10 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Callback, ...] = ()) -
         resolve_monitor(cfg, instantiate(cfg.loss) if cfg.get("loss") else None)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = _instantiate_group(cfg.get("logger"))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # checkpoints written atomically in their own directory (see xentlit.checkpointing)
+    plugins = cfg.trainer.get("plugins") if cfg.get("trainer") is not None else None
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       plugins=plugins if plugins is not None else [AtomicCheckpointIO()])
 
 
 # Metrics where larger is better (their mode is max); every other monitored metric is minimised.

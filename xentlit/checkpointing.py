@@ -1,0 +1,53 @@
+"""Checkpoints that survive kills and full disks, and a ``last.ckpt`` that is the last epoch.
+
+- :class:`AtomicCheckpointIO`: Lightning writes through a temp file in ``$TMPDIR`` and moves it, a copy when the run
+  directory is on another filesystem (a kill mid-copy truncated ``last.ckpt``). This writes the temp file in the
+  checkpoint's own directory, fsyncs it and renames it over the target: a reader sees the old file or the new one.
+- :class:`ModelCheckpoint`: Lightning's, except that ``save_last`` rewrites ``last.ckpt`` at the end of every epoch
+  (Lightning 2.6 rewrites it only when a top-k checkpoint is saved, so with ``save_top_k=1`` it held the best epoch,
+  and ``resume=`` re-trained the epochs after it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch import callbacks
+
+from xentlit.atomic import atomic_path
+
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temp file beside the checkpoint, fsync, rename (remote URLs: Lightning's own way)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` holds the last completed epoch (see the module doc)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` unless this step already wrote a checkpoint (then Lightning wrote it too)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
