@@ -350,6 +350,11 @@ class ConvergenceDoctor(Callback):
         ``val`` (NLL, accuracy, confidence, ECE and its overconfident part, ...), reduced over ranks."""
         return {"train": list(self._train_history), "val": list(self._val_history)}
 
+    @property
+    def stopped_on_divergence(self) -> bool:
+        """Whether this fit was stopped because training diverged (the last healthy weights were restored)."""
+        return self._stopped
+
     def summary(self) -> str:
         """A readable multi-line summary of the findings."""
         if not self.findings:

@@ -338,45 +338,112 @@ def train(cfg: DictConfig) -> float | None:
         return _train(cfg)
 
 
+# Exit statuses of a run that did not complete (a failed run exits 1, with its error).
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
 def _train(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
-    if cfg.get("resume"):  # the run directory's recorded overrides are part of this config: untrusted input
-        check_targets(cfg, f"resume={cfg.resume}", cfg.get("trust_targets") or ())
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, module, trainer = build(cfg)
-    _report_schema(datamodule, Path(trainer.default_root_dir))
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    if cfg.train:
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg))
-        except SIGTERMException:
-            # Lightning stops cleanly (no half-written checkpoint) but exits with status 0: say what happened.
-            run_dir = Path(trainer.default_root_dir).resolve()
-            rank_zero_info(f"Stopped by SIGTERM. Continue with: python scripts/train.py resume={run_dir}")
-            raise SystemExit(128 + signal.SIGTERM) from None
-    fit_metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-
-    test_metrics: dict[str, float] = {}
-    if cfg.test:
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if checkpoint is not None and cfg.train else ""
-        ckpt_path = best or (None if cfg.train else cfg.get("ckpt_path"))
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-        test_metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+    run_dir = _configured_run_dir(cfg)
+    try:
+        if cfg.get("resume"):  # the run directory's recorded overrides are part of this config: untrusted input
+            check_targets(cfg, f"resume={cfg.resume}", cfg.get("trust_targets") or ())
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule, module, trainer = build(cfg)
+        run_dir = Path(trainer.default_root_dir).resolve()
+        _report_schema(datamodule, run_dir)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if cfg.train:
+            _fit(cfg, trainer, module, datamodule, run_dir, started)
+        status = "diverged" if _diverged(trainer) else "completed"
+        fit_metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        test_metrics: dict[str, float] = {}
+        if cfg.test:
+            checkpoint = trainer.checkpoint_callback
+            best = checkpoint.best_model_path if checkpoint is not None and cfg.train else ""
+            ckpt_path = best or (None if cfg.train else cfg.get("ckpt_path"))
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+            test_metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+    except KeyboardInterrupt:  # Ctrl-C outside fit (Lightning handles it inside)
+        _interrupted(run_dir, started, "SIGINT", EXIT_INTERRUPTED)
+        raise  # not reached
+    except Exception as err:
+        if run_dir is not None:
+            _write_status(run_dir, "failed", started, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise
 
     metrics = {**fit_metrics, **test_metrics}
     summary = {
+        "status": status,
         "metrics": metrics,
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", "") or None,
         "best_epoch": _best_epoch(trainer),
-        "run_dir": str(Path(trainer.default_root_dir).resolve()),
+        "run_dir": str(run_dir),
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
-    _write_summary(summary, Path(trainer.default_root_dir))
+    _write_summary(summary, run_dir)
+    if status == "diverged":
+        rank_zero_info(f"xentlit: run diverged: the convergence doctor stopped training (see {run_dir / 'diagnosis.json'}); "
+                       "the checkpoints hold the last healthy weights")
+        if not _in_sweep():
+            raise SystemExit(EXIT_DIVERGED)
+        leaf = str(cfg.optimized_metric).rsplit("/", 1)[-1]
+        return float("-inf") if leaf in _MAXIMISED else float("inf")  # the worst objective: the sweep goes on
+    rank_zero_info(f"xentlit: run completed ({run_dir})")
     value = metrics.get(cfg.optimized_metric)
     return None if value is None or math.isnan(value) else value
+
+
+def _configured_run_dir(cfg: DictConfig) -> Path | None:
+    """The run directory Hydra made for this run (None outside a Hydra job)."""
+    try:
+        return Path(cfg.paths.output_dir).resolve()
+    except Exception:
+        return None
+
+
+def _fit(cfg: DictConfig, trainer: pl.Trainer, module: Any, datamodule: Any, run_dir: Path, started: float) -> None:
+    """``trainer.fit``; a SIGTERM or Ctrl-C ends the run with its status recorded and the resume command printed."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg))
+    except SIGTERMException:
+        # Lightning stops cleanly (no half-written checkpoint) but exits with status 0: say what happened.
+        _interrupted(run_dir, started, "SIGTERM", 128 + signal.SIGTERM)
+    except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
+        if trainer.state.status == TrainerStatus.INTERRUPTED:
+            _interrupted(run_dir, started, "SIGINT", EXIT_INTERRUPTED)
+        raise
+
+
+def _interrupted(run_dir: Path | None, started: float, signal_name: str, code: int) -> None:
+    if run_dir is not None:
+        _write_status(run_dir, "interrupted", started, error=f"stopped by {signal_name}")
+        rank_zero_info(f"xentlit: run interrupted by {signal_name}. Continue with: python scripts/train.py resume={run_dir}")
+    raise SystemExit(code) from None
+
+
+@rank_zero_only
+def _write_status(run_dir: Path, status: str, started: float, error: str) -> None:
+    """``metrics.json`` of a run that did not complete: how it ended and why, so it never looks like a finished one."""
+    write_atomic(run_dir / METRICS_FILE, json.dumps({
+        "status": status, "error": error, "metrics": {}, "run_dir": str(run_dir),
+        "wall_time_s": round(time.perf_counter() - started, 3)}, indent=2, sort_keys=True) + "\n")
+
+
+def _diverged(trainer: pl.Trainer) -> bool:
+    """Whether a callback (the convergence doctor) stopped the fit because training diverged."""
+    return any(getattr(callback, "stopped_on_divergence", False) for callback in trainer.callbacks)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 SCHEMA_FILE = "schema.json"
@@ -396,12 +463,34 @@ def _resume_checkpoint(cfg: DictConfig) -> str | None:
     """The checkpoint ``fit`` starts from: ``ckpt_path`` if given, else ``resume``'s last.ckpt, checked first."""
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume") and not ckpt_path:
-        ckpt_path = str(Path(cfg.resume) / "checkpoints" / "last.ckpt")
-        if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"resume={cfg.resume}: no checkpoints/last.ckpt to resume from yet")
+        return _newest_valid_checkpoint(Path(cfg.resume) / "checkpoints", f"resume={cfg.resume}")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
         load_checkpoint(ckpt_path)  # a clear error for a missing or damaged file, before Lightning's own
     return ckpt_path
+
+
+def _newest_valid_checkpoint(folder: Path, what: str) -> str:
+    """``last.ckpt`` of ``folder``, or, when it is missing or damaged, the readable checkpoint of the latest step
+    (and a line saying so)."""
+    last = folder / "last.ckpt"
+    try:
+        load_checkpoint(last)
+        return str(last)
+    except (FileNotFoundError, ValueError) as err:
+        problem = str(err).split(" (")[0]
+    candidates = []
+    for path in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
+        if path != last:
+            try:
+                checkpoint = load_checkpoint(path)
+            except ValueError:
+                continue
+            candidates.append((int(checkpoint.get("global_step", -1)), int(checkpoint.get("epoch", -1)), path))
+    if not candidates:
+        raise FileNotFoundError(f"{what}: no readable checkpoint to resume from in {folder} ({problem})")
+    step, epoch, path = max(candidates)
+    rank_zero_info(f"{what}: {problem}; resuming from {path.name} instead (epoch {epoch}, step {step})")
+    return str(path)
 
 
 def _best_epoch(trainer: pl.Trainer) -> int | None:

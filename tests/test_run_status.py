@@ -1,0 +1,85 @@
+"""How a run ended is recorded in metrics.json and said on the console's last line; the exit status follows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import SCRIPTS, read_metrics, run_dirs, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("xentlit: run")][-1]
+
+
+def test_a_diverged_run_exits_non_zero_and_says_so(tmp_path):
+    result = run_script("train.py", "optimizer=sgd", "optimizer.lr=100", "trainer.max_epochs=6", cwd=tmp_path,
+                        check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    [run] = run_dirs(tmp_path / "outputs")
+    summary = read_metrics(run)
+    assert summary["status"] == "diverged" and "test/acc" in summary["metrics"]
+    assert _last_line(result).startswith("xentlit: run diverged: the convergence doctor stopped training")
+
+
+def test_a_sweep_gives_a_diverged_job_the_worst_objective_and_goes_on(tmp_path):
+    result = run_script("train.py", "-m", "optimizer=sgd", "optimizer.lr=100,0.05", "trainer.max_epochs=3",
+                        cwd=tmp_path)
+    assert result.returncode == 0
+    statuses = sorted(read_metrics(run)["status"] for run in run_dirs(tmp_path))
+    assert statuses == ["completed", "diverged"]
+
+
+def test_a_completed_run_says_so(tmp_path):
+    result = run_script("train.py", "trainer.max_epochs=1", cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    assert read_metrics(run)["status"] == "completed"
+    assert _last_line(result) == f"xentlit: run completed ({run})"
+
+
+def test_a_run_that_fails_after_composing_records_the_failure(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    result = run_script("train.py", "data=files", f"data.path={tmp_path / 'empty.csv'}", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    [run] = [p.parent for p in (tmp_path / "outputs").rglob("metrics.json")]
+    summary = read_metrics(run)
+    assert summary["status"] == "failed" and "empty.csv is empty" in summary["error"]
+
+
+def test_ctrl_c_prints_the_resume_command_and_the_run_resumes(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train.py"), "trainer.max_epochs=40", "data.batch_size=16"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(tmp_path.rglob("epoch_*.ckpt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-3000:]
+    [run] = run_dirs(tmp_path / "outputs")
+    assert f"Continue with: python scripts/train.py resume={run}" in output
+    assert read_metrics(run)["status"] == "interrupted"
+    run_script("train.py", f"resume={run}", "trainer.max_epochs=2", cwd=tmp_path)
+    assert read_metrics(run)["status"] == "completed"
+
+
+def test_a_damaged_last_ckpt_resumes_from_the_newest_valid_checkpoint(tmp_path):
+    run_script("train.py", "trainer.max_epochs=3", "callbacks.early_stopping=null", cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    last.write_bytes(last.read_bytes()[:1000])
+    [best] = [p for p in (run / "checkpoints").glob("epoch_*.ckpt")]
+    result = run_script("train.py", f"resume={run}", "trainer.max_epochs=4", cwd=tmp_path)
+    assert f"last.ckpt is corrupt or truncated and cannot be read; resuming from {best.name} instead" in (
+        result.stdout + result.stderr)
+    assert read_metrics(run)["status"] == "completed"
+    assert torch.load(last, weights_only=True)["epoch"] == 3
