@@ -439,7 +439,7 @@ def test_bad_data_errors() -> None:
         ((x, y[:90]), {}, "labels y in the dataset have 90 rows but features x have 100"),
         ((x, -2 * np.ones(100, dtype=int)), {}, "negative label -2 at row 0"),
         ((x, np.zeros(100, dtype=int)), {}, r"only one class present.*class 0"),
-        ((x, np.array([0, 5] + [-100] * 98)), {}, r"only 2 labelled row\(s\) for num_classes=6"),
+        ((x, np.array([0, 5] + [-100] * 98)), {}, r"label 5 is a class index, which would make 6 classes for 2 labelled"),
         ((x, y + 0.5), {}, r"whole numbers.*row 0 \(value"),
         ((x[:2], y[:2]), {"val_fraction": 0.4, "test_fraction": 0.4}, "train split is empty"),
         ((np.array([["a", "b"]] * 100), y), {}, "features x in the dataset must be numeric"),
@@ -770,3 +770,18 @@ def test_gpu_on_device_data_lives_on_the_gpu_and_trains_like_host_data():
     _, off, _ = _on_device_fit(False, accelerator="gpu")
     for a, b in zip(on.parameters(), off.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_all_constant_features_are_refused_and_a_train_constant_that_moves_later_is_named() -> None:
+    y = np.arange(100) % 2
+    with pytest.raises(ValueError, match=r"every feature column \(3\) is constant in the train split"):
+        TensorDataModule(np.ones((100, 3), np.float32), y).setup()
+    x, y = make_data(100)
+    x[:, 2] = 7.0
+    dm = TensorDataModule(x, y, val_fraction=0.2, test_fraction=0.2)
+    dm.split_indices  # noqa: B018  (sets up)
+    x[dm.split_indices["test"][0], 2] = 1e30  # only a test row moves
+    moved = TensorDataModule(x, y, val_fraction=0.2, test_fraction=0.2)
+    with pytest.warns(UserWarning, match=r"feature column 2 is constant in the train split \(7\) but not in the test "
+                                         r"split \(it differs by up to 1e\+30\)"):
+        moved.setup()

@@ -405,3 +405,17 @@ def test_ddp_and_resume_with_categorical_inputs_through_the_scripts(tmp_path, me
     assert any("embeddings" in key for key in expected)
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_a_huge_label_fails_at_once_instead_of_building_a_billion_classes(tmp_path):
+    df = messy_frame(50).assign(diagnosis=np.arange(50) % 2)
+    df.loc[3, "diagnosis"] = 10**9
+    df.to_csv(tmp_path / "huge.csv", index=False)
+    with pytest.raises(ValueError, match=r"label 1000000000 at row 3 of .*huge\.csv is a class index larger than the "
+                                         r"number of labelled rows \(50\)"):
+        FileDataModule(str(tmp_path / "huge.csv"), label_column="diagnosis").setup()
+    y = np.arange(60) % 3
+    y[5] = 10**9
+    with pytest.raises(ValueError, match=r"label 1000000000 is a class index, which would make 1000000001 classes "
+                                         r"for 60 labelled rows"):
+        TensorDataModule(np.zeros((60, 2), np.float32) + np.arange(60)[:, None], y).setup()

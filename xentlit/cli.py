@@ -199,7 +199,7 @@ def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[
 
 
 def _quiet_known_noise() -> None:
-    """Silence two messages every run would otherwise print, neither actionable by the user:
+    """Silence messages every run would otherwise print, none actionable by the user:
 
     - Lightning 2.6 builds pytree specs with ``LeafSpec()``, which torch 2.13 deprecates (Lightning's code,
       harmless; it goes away with a Lightning release that follows torch);
@@ -209,6 +209,8 @@ def _quiet_known_noise() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's own all_gather (used under DDP) calls a torch function that torch 2.13 deprecates: not the user's
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
     class _DropTip(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:

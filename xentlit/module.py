@@ -396,7 +396,9 @@ class XentModule(LightningModule):
         if stage != "train":
             values[f"{stage}/nll"] = getattr(self, f"{stage}_nll").compute()
             getattr(self, f"{stage}_nll").reset()
-        self.log_dict(values, prog_bar=stage != "test")
+        # The values are global already (torchmetrics synced them across ranks in compute()); sync_dist with max
+        # over identical values changes no bit, and tells Lightning they are synced (no per-metric warning).
+        self.log_dict(values, prog_bar=stage != "test", sync_dist=True, reduce_fx="max")
         return values
 
     def on_train_epoch_end(self) -> None:
@@ -408,7 +410,7 @@ class XentModule(LightningModule):
         if self.trainer.sanity_checking or "val/acc" not in values:
             return
         self.val_acc_best.update(values["val/acc"])
-        self.log("val/acc_best", self.val_acc_best.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, reduce_fx="max")  # global already
 
     def on_test_epoch_end(self) -> None:
         self.log_epoch_metrics("test")

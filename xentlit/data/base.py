@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -226,6 +226,7 @@ class TensorDataModule(LightningDataModule):
         else:
             mean, std = torch.zeros(n_feat), torch.ones(n_feat)
         self._feature_mean, self._feature_std = mean, std
+        _check_constant_features(x_tr, {"val": x_va, "test": x_te})
         identity = not bool(mean.any()) and bool((std == 1).all())  # no copy of the data for no change
         self._train_dataset = TensorBatchDataset(x_tr if identity else self.transform(x_tr), y_tr)
         self._val_dataset = TensorBatchDataset(x_va if identity else self.transform(x_va), y_va)
@@ -475,6 +476,11 @@ class TensorDataModule(LightningDataModule):
                 f"no labelled rows: every label equals ignore_index={self.ignore_index}"
             )
         c = int(labelled.max()) + 1
+        if c > len(labelled):  # checked before any per-class list is built: a label of 1e9 is not 1e9 classes
+            raise ValueError(
+                f"label {c - 1} is a class index, which would make {c} classes for {len(labelled)} labelled rows; "
+                "labels must be class indices 0..K-1 (map them, or store them as text: text labels are class names)"
+            )
         return [str(i) for i in range(c)], c
 
     def _check_label_counts(self, y_train: Tensor, ys: list[Tensor]) -> None:
@@ -517,6 +523,26 @@ def _take(
         idx, test_size=n_take, random_state=rng, stratify=s if stratify else None
     )
     return rest, taken
+
+
+def _check_constant_features(x_train: Tensor, others: dict[str, Tensor]) -> None:
+    """Refuse features that are all constant in the train split (nothing to learn from); say which constant
+    features vary in another split (the network never saw them move, and standardising cannot scale them)."""
+    if len(x_train) < 2:
+        return
+    constant = (x_train == x_train[0]).all(dim=0)
+    if bool(constant.all()):
+        raise ValueError(f"every feature column ({x_train.shape[1]}) is constant in the train split: there is "
+                         "nothing to learn from; check the data (or the feature columns chosen)")
+    for name, x in others.items():
+        if len(x) == 0 or not bool(constant.any()):
+            continue
+        moved = ((x - x_train[0]).abs() * constant).amax(dim=0)
+        if bool((moved > 0).any()):
+            j = int(moved.argmax())
+            rank_zero_warn(f"feature column {j} is constant in the train split ({float(x_train[0, j]):g}) but not "
+                           f"in the {name} split (it differs by up to {float(moved[j]):.3g}): the network never saw it "
+                           f"vary, so its predictions there are unreliable; {int((moved > 0).sum())} column(s) like it")
 
 
 def _fit_standardizer(x: Tensor) -> tuple[Tensor, Tensor]:

@@ -234,6 +234,15 @@ class FileDataModule(TensorDataModule):
             if frac.any():
                 row = int(np.flatnonzero(frac)[0])
                 raise ValueError(f"label {raw[row].item()!r} at row {row} of {path} is not a whole number")
+            n_labelled = int((~missing).sum())
+            too_big = ~missing & (vals >= max(n_labelled, self.num_classes_arg or 0))
+            if main and too_big.any() and self.num_classes_arg is None:  # before anything sized by the largest label
+                row = int(np.flatnonzero(too_big)[0])
+                raise ValueError(
+                    f"label {raw[row].item()!r} at row {row} of {path} is a class index larger than the number of "
+                    f"labelled rows ({n_labelled}); labels must be class indices 0..K-1 (map them, or store them as "
+                    "text: text labels are class names)"
+                )
             y[~missing] = vals[~missing].astype(np.int64)
             neg = (y < 0) & (y != self.ignore_index)
             if neg.any():
