@@ -97,3 +97,15 @@ def test_resume_checks_the_targets_a_run_directory_recorded(tmp_path):
     # refused by the check, before instantiate could call os.system(...)
     assert result.returncode != 0 and "resume=" in result.stderr
     assert "model._target_ = 'os.system' is not a class xentlit builds" in result.stderr
+
+
+def test_resume_applies_the_recorded_overrides_and_a_new_one_wins(tmp_path, compose):
+    hydra_dir = tmp_path / "run" / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "overrides.yaml").write_text("- trainer.max_epochs=3\n- optimizer.lr=0.01\n- resume=old\n")
+    argv = _argv_for_resume(["train.py", f"resume={tmp_path / 'run'}", "trainer.max_epochs=5"])
+    run = str((tmp_path / "run").resolve())
+    assert argv == ["train.py", "trainer.max_epochs=3", "optimizer.lr=0.01", "trainer.max_epochs=5",
+                    f"resume={run}", f"hydra.run.dir={run}"]
+    cfg = compose(*[a for a in argv[1:] if not a.startswith("hydra.")])
+    assert cfg.trainer.max_epochs == 5 and cfg.optimizer.lr == 0.01 and cfg.resume == run
