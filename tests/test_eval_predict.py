@@ -73,3 +73,27 @@ def test_damaged_checkpoint_fails_with_a_clear_message(trained_run, tmp_path, da
     assert result.returncode != 0
     assert f"checkpoint {bad} is corrupt or truncated" in result.stderr
     assert "site-packages/torch" not in result.stderr and "site-packages/lightning" not in result.stderr
+
+
+def test_predict_keeps_the_class_order_with_more_than_ten_classes(tmp_path):
+    """12 classes named class_0..class_11: a string sort anywhere (class_10 before class_2) would shuffle columns."""
+    run_script("train.py", "data=synthetic", "data.num_classes=12", "data.num_samples=1200", "trainer.max_epochs=2",
+               cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    from xentlit import MLP, SyntheticDataModule, XentModule
+
+    dm = SyntheticDataModule(num_samples=1200, num_classes=12)
+    dm.setup()
+    raw = dm.test_dataset.x * dm.feature_std + dm.feature_mean
+    pd.DataFrame(raw.numpy(), columns=[f"f{i}" for i in range(20)]).to_csv(tmp_path / "rows.csv", index=False)
+    run_script("predict.py", f"ckpt_path={ckpt}", "input=rows.csv", "output=preds.csv", cwd=tmp_path)
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    names = [f"class_{i}" for i in range(12)]
+    assert list(preds.columns) == ["prediction", "class_index", *[f"prob_{n}" for n in names]]
+    module = XentModule.load_from_checkpoint(ckpt, net=MLP(20, 12), weights_only=True).eval()
+    with torch.no_grad():
+        expected = module(dm.test_dataset.x).softmax(1).numpy()
+    np.testing.assert_allclose(preds[[f"prob_{n}" for n in names]].to_numpy(), expected, atol=1e-5)
+    assert (preds["class_index"].to_numpy() == expected.argmax(1)).all()
+    assert preds["prediction"].tolist() == [names[i] for i in expected.argmax(1)]

@@ -324,3 +324,35 @@ def test_lean_training_metrics_equal_torchmetrics():
     assert ours.compute().item() == pytest.approx(ref.compute().item(), abs=1e-7)
     assert mean.compute().item() == pytest.approx(ref_mean.compute().item(), rel=1e-6)
     assert RunningAccuracy(ignore_index=IGNORE).compute().item() == 0.0  # nothing counted yet
+
+
+def test_plateau_under_steps_per_execution_steps_on_the_monitored_metric():
+    """ReduceLROnPlateau(mode=max) on a falling val/nll cuts the rate every epoch; replaying the logged values
+    through a fresh scheduler gives the rate the fit ended with, and another metric would not."""
+    from xentlit import DigitsDataModule
+
+    history: dict[str, list[float]] = {"val/nll": [], "val/acc": []}
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # before the module steps its epoch schedulers
+            for name in history:
+                history[name].append(float(trainer.callback_metrics[name]))
+
+    def replay(values: list[float]) -> float:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
+        for v in values:
+            plateau.step(v)
+        return opt.param_groups[0]["lr"]
+
+    scheduler = {"scheduler": functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="max", patience=0,
+                                                factor=0.5), "interval": "epoch", "monitor": "val/nll"}
+    module = XentModule(MLP(64, 10, hidden_sizes=[32]), loss=CrossEntropyLoss(label_smoothing=0.2),
+                        scheduler=scheduler)
+    trainer = _trainer(max_epochs=5, callbacks=[Record()], limit_val_batches=1.0)
+    pl.seed_everything(0)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    assert module.steps_per_execution == 8
+    final = trainer.optimizers[0].param_groups[0]["lr"]
+    assert final == pytest.approx(replay(history["val/nll"]), rel=1e-12)
+    assert replay(history["val/acc"]) != pytest.approx(final)  # the test tells the metrics apart
