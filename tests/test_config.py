@@ -179,3 +179,10 @@ def test_a_bad_monitor_mode_fails_at_start_up(compose, tmp_path):
     cfg = compose("monitor.mode=up", f"paths.output_dir={tmp_path}")
     with pytest.raises(ValueError, match="monitor.mode must be min, max or auto, got 'up'"):
         resolve_monitor(cfg, instantiate(cfg.loss))
+
+
+
+def test_acc_best_is_maximised():
+    cfg = OmegaConf.create({"monitor": {"metric": "val/acc_best", "mode": "auto"}})
+    resolve_monitor(cfg, None)
+    assert cfg.monitor.mode == "max"

@@ -419,3 +419,100 @@ def test_a_huge_label_fails_at_once_instead_of_building_a_billion_classes(tmp_pa
     with pytest.raises(ValueError, match=r"label 1000000000 is a class index, which would make 1000000001 classes "
                                          r"for 60 labelled rows"):
         TensorDataModule(np.zeros((60, 2), np.float32) + np.arange(60)[:, None], y).setup()
+
+
+
+# ------------------------------------------------------------------------------------------ edge cases
+def _role(frame: pd.DataFrame, column: str) -> tuple[str, str]:
+    pre = TabularPreprocessor().fit(frame.assign(other=np.arange(len(frame)) * 0.5))
+    return _roles(pre)[column]
+
+
+def test_role_rules_at_their_edges():
+    # a constant with missing values keeps its indicator: being present is the signal
+    pre = TabularPreprocessor().fit(pd.DataFrame({"x": [5, np.nan, 5, np.nan, 5, 5], "other": [1.5, 2, 3, 4, 5, 6]}))
+    assert _roles(pre)["x"][0] == "numeric" and "x_missing" in pre.output_names_
+    assert _role(pd.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 4, 4]}), "user_id")[0] == "numeric"  # not distinct
+    assert _role(pd.DataFrame({"count": [7, 3, 9, 1, 4, 8, 2]}), "count")[0] == "numeric"  # distinct, not a counter
+    assert _role(pd.DataFrame({"color": ["red", "blue", "green", "teal", "pink"]}), "color")[0] == "categorical"
+
+
+def test_booleans_with_missing_values_are_binary_with_an_indicator(tmp_path):
+    (tmp_path / "b.csv").write_text("flag,n,label\ntrue,1.5,0\nfalse,2.5,1\n,3.5,0\ntrue,4.5,1\nfalse,5.5,0\n")
+    table = read_frame(tmp_path / "b.csv", "label")
+    pre = TabularPreprocessor(label_column="label").fit(table)
+    spec = pre.columns_[0]
+    assert (spec.kind, spec.role, spec.indicator) == ("boolean", "binary", True)
+    np.testing.assert_array_equal(pre.transform(table)[:, 0], [1, 0, 0.5, 1, 0])  # the median of 1, 0, 1, 0
+
+
+def test_whole_number_categories_match_text_and_numbers_alike():
+    ints = TabularPreprocessor(categorical_columns=["k"]).fit(pd.DataFrame({"k": [3, 1, 3, 2]}))
+    assert ints.columns_[0].categories == ["1", "2", "3"]
+    np.testing.assert_array_equal(ints.transform(pd.DataFrame({"k": ["3", "1", "9"]}))[:, 0], [3, 1, 0])
+
+
+def test_a_state_from_a_file_is_checked(messy_csv):
+    state = TabularPreprocessor(label_column="diagnosis").fit(pd.read_csv(messy_csv)).state_dict()
+    bad = {**state, "columns": [{**state["columns"][0], "evil": 1}]}
+    with pytest.raises(ValueError, match="bad column entry"):
+        TabularPreprocessor.from_state_dict(bad)
+    with pytest.raises(ValueError, match="not a tabular preprocessing state of version 1"):
+        TabularPreprocessor.from_state_dict({**state, "version": 2})
+
+
+def test_loading_another_runs_preprocessing_after_set_up_rebuilds_the_inputs(tmp_path, messy_csv):
+    """Lightning restores a checkpoint after set-up: the inputs must then be those of the checkpoint's pipeline."""
+    messy_frame(seed=7).to_csv(tmp_path / "b.csv", index=False)
+    other = FileDataModule(str(tmp_path / "b.csv"), label_column="diagnosis")
+    other.setup()
+    dm = FileDataModule(str(messy_csv), label_column="diagnosis")
+    dm.setup()
+    dm.load_state_dict(other.state_dict())
+    expected = other.preprocessor.transform(read_frame(messy_csv, "diagnosis"))[dm.split_indices["train"]]
+    np.testing.assert_array_equal(dm.train_dataset.x.numpy(), expected)
+
+
+def test_growing_columns_and_missing_integers(tmp_path):
+    from xentlit.data.files import _Growing
+
+    grow = _Growing(np.float64, 1)
+    for k in range(10):
+        grow.append(np.arange(10 * k, 10 * k + 10, dtype=np.float64))
+    np.testing.assert_array_equal(grow.values(), np.arange(100))
+    (tmp_path / "i.csv").write_text("a,label\n1,0\n,1\n3,0\n")
+    a = read_frame(tmp_path / "i.csv", "label")["a"]
+    assert a.dtype.kind == "f" and np.isnan(a[1]) and a[0] == 1 and a[2] == 3
+    pd.DataFrame({"a": pd.Series([], dtype=float), "label": pd.Series([], dtype=int)}).to_parquet(tmp_path / "e.parquet")
+    with pytest.raises(ValueError, match=r"e\.parquet has a header but no rows"):
+        read_frame(tmp_path / "e.parquet", "label")
+
+
+def test_plain_data_has_python_types():
+    import enum
+
+    class E(enum.IntEnum):
+        A = 1
+
+    values = to_plain({"a": (np.float32(1.5), np.str_("s"), np.bool_(True), np.int64(3), E.A)})["a"]
+    assert [type(v) for v in values] == [float, str, bool, int, int] and values == [1.5, "s", True, 3, 1]
+
+
+def test_the_mlp_uses_the_numeric_columns_too():
+    net = MLP(5, 3, hidden_sizes=[8], categorical_cardinalities=[4, 7])
+    out = net(torch.tensor([[0.1, 0.2, 0.3, 1.0, 6.0], [0.9, -2.0, 5.0, 1.0, 6.0]]))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_label_metrics_by_hand():
+    from xentlit.cli import _label_metrics
+
+    logits = torch.tensor([[2.0, 0.0]] * 4 + [[0.0, 2.0]])  # predicts a, a, a, a, b
+    m = _label_metrics(np.array(["a", "a", "a", "b", "zzz"], dtype=object), logits, ["a", "b"], "y", "f.csv")
+    assert (m["rows"], m["rows_with_known_label"], m["unknown_labels"]) == (5, 4, ["zzz"])
+    assert m["acc"] == pytest.approx(0.75) and m["balanced_acc"] == pytest.approx(0.5)
+    assert m["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(
+        logits[:4].double(), torch.tensor([0, 0, 0, 1]))), rel=1e-12)
+    numeric = _label_metrics(np.array([0.0, 1.0, np.nan]), torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]]),
+                             ["0", "1"], "y", "f.csv")
+    assert numeric["rows_with_known_label"] == 2 and "unknown_labels" not in numeric and numeric["acc"] == 1.0

@@ -43,8 +43,9 @@ def test_every_exploit_in_a_stored_config_fails_before_any_call(tmp_path, name):
     config = {**SAFE, "model": _exploits(tmp_path)[name]}
     checkpoint = {"state_dict": {}, "xentlit": {"config": config}}
     cfg = OmegaConf.create({"ckpt_path": "evil.ckpt", "trust_targets": []})
-    with pytest.raises(UntrustedTargetError, match=r"checkpoint evil\.ckpt: model.*is not a class xentlit builds.*"
-                                                   r"Nothing was run.*trust_targets=\["):
+    expected = (r"checkpoint evil\.ckpt: model\._target_ holds an interpolation" if name == "interpolated" else
+                r"checkpoint evil\.ckpt: model.*is not a class xentlit builds.*Nothing was run.*trust_targets=\[")
+    with pytest.raises(UntrustedTargetError, match=expected):
         _stored_config(checkpoint, cfg)
     assert not (tmp_path / "pwned").exists()
 
@@ -109,3 +110,32 @@ def test_resume_applies_the_recorded_overrides_and_a_new_one_wins(tmp_path, comp
                     f"resume={run}", f"hydra.run.dir={run}"]
     cfg = compose(*[a for a in argv[1:] if not a.startswith("hydra.")])
     assert cfg.trainer.max_epochs == 5 and cfg.optimizer.lr == 0.01 and cfg.resume == run
+
+
+@pytest.mark.parametrize("value", ["${oc.create:{_target_: builtins.print, _args_: [PWNED]}}",
+                                   "\\${oc.create:{_target_: builtins.print, _args_: [PWNED]}}"])
+def test_an_interpolation_in_a_stored_config_is_refused_before_anything_is_built(value, capsys):
+    checkpoint = {"state_dict": {}, "xentlit": {"config": {**SAFE, "model": {"_target_": "xentlit.MLP",
+                                                                              "activation": value}}}}
+    cfg = OmegaConf.create({"ckpt_path": "evil.ckpt", "trust_targets": []})
+    with pytest.raises(UntrustedTargetError, match=r"model\.activation holds an interpolation"):
+        _stored_config(checkpoint, cfg)
+    assert "PWNED" not in capsys.readouterr().out
+
+
+def test_resume_refuses_a_recorded_interpolation(tmp_path):
+    hydra_dir = tmp_path / "run" / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "overrides.yaml").write_text(
+        "- 'model.activation=\\${oc.create:{_target_: builtins.print, _args_: [PWNED]}}'\n")
+    with pytest.raises(SystemExit, match="holds an interpolation"):
+        _argv_for_resume(["train.py", f"resume={tmp_path / 'run'}"])
+
+
+def test_targets_in_lists_classes_outside_the_trusted_packages_and_non_strings_are_refused():
+    with pytest.raises(UntrustedTargetError, match=r"model\.hidden_sizes\[0\]\._target_ = 'os\.system'"):
+        check_targets({"model": {"_target_": "xentlit.MLP", "hidden_sizes": [{"_target_": "os.system"}]}}, "f")
+    with pytest.raises(UntrustedTargetError, match=r"'subprocess\.Popen' is not a class xentlit builds"):
+        check_targets({"model": {"_target_": "subprocess.Popen", "args": ["true"]}}, "f")  # a class, untrusted
+    with pytest.raises(UntrustedTargetError, match="not a dotted class name"):
+        check_targets({"model": {"_target_": 42}}, "f")

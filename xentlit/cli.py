@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from xentlit.atomic import atomic_path, write_atomic
 from xentlit.checkpointing import AtomicCheckpointIO
 from xentlit.plain import to_plain
-from xentlit.trust import check_targets
+from xentlit.trust import check_no_interpolation, check_targets
 
 METRICS_FILE = "metrics.json"
 RUN_INFO_KEY = "xentlit"
@@ -174,6 +174,7 @@ def _stored_config(checkpoint: dict[str, Any], cfg: DictConfig) -> DictConfig:
     if not isinstance(stored, dict):
         raise ValueError(f"{cfg.ckpt_path}: the stored run config is not a mapping")
     built = {key: stored.get(key) for key in ("data", "model", "loss", "optimizer", "scheduler", "module")}
+    check_no_interpolation(built, f"checkpoint {cfg.ckpt_path}")
     check_targets(built, f"checkpoint {cfg.ckpt_path}", cfg.get("trust_targets") or ())
     return OmegaConf.create(built)
 
@@ -244,6 +245,9 @@ def _argv_for_resume(argv: list[str]) -> list[str]:
         raise SystemExit(f"resume={run_dir}: {recorded} is not a YAML list of overrides")
     previous = [o for o in loaded if not o.startswith(("resume=", "hydra."))]
     for override in previous:  # where a run writes is this directory: a recorded override cannot move it
+        if "$" in override:  # an interpolation (even escaped) can build nodes no check sees: oc.create
+            raise SystemExit(f"resume={run_dir}: its recorded override {override!r} holds an interpolation, "
+                             "which a resumed run does not take from a file. Nothing was run")
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith(("paths.", "paths=", "trust_targets")) or key.rsplit(".", 1)[-1] in _OUTPUT_KEYS:
             raise SystemExit(f"resume={run_dir}: its recorded override {override!r} sets where the run writes or "

@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["TRUSTED_TARGETS", "UntrustedTargetError", "check_targets"]
+__all__ = ["TRUSTED_TARGETS", "UntrustedTargetError", "check_no_interpolation", "check_targets"]
 
 # Classes under these names may be built from a stored config (what the shipped configs use).
 TRUSTED_TARGETS: tuple[str, ...] = (
@@ -45,6 +45,28 @@ def _targets(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             yield from _targets(value, f"{path}[{i}]")
+
+
+def _strings(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """``(key path, value)`` for every string in a plain nested dict/list config."""
+    if isinstance(node, str):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{path}[{i}]")
+
+
+def check_no_interpolation(config: Any, source: str) -> None:
+    """Refuse ``${...}`` anywhere in a plain config read from a file: a stored config is resolved when it is saved,
+    and an interpolation would be resolved again when it is built (``${oc.create:{_target_: ...}}`` makes a node
+    that no check saw)."""
+    for where, value in _strings(config):
+        if "${" in value:
+            raise UntrustedTargetError(f"{source}: {where} holds an interpolation ({value[:60]!r}); a stored config "
+                                       "is resolved already, so this is refused. Nothing was run")
 
 
 def _is_class(target: str) -> bool:
