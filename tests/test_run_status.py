@@ -83,3 +83,28 @@ def test_a_damaged_last_ckpt_resumes_from_the_newest_valid_checkpoint(tmp_path):
         result.stdout + result.stderr)
     assert read_metrics(run)["status"] == "completed"
     assert torch.load(last, weights_only=True)["epoch"] == 3
+
+
+def test_resume_forgets_rows_logged_after_its_checkpoint_and_a_torn_last_line(tmp_path):
+    """A kill after the CSV flush but before the next checkpoint leaves rows the resumed run logs again."""
+    import csv
+
+    run_script("train.py", "trainer.max_epochs=3", "callbacks.early_stopping=null", cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    log = run / "csv" / "metrics.csv"
+    rows = list(csv.DictReader(log.open()))
+    last_epoch = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+    assert last_epoch == 2
+    stale = [dict(row, epoch="3") for row in rows if row["epoch"] == "2" and row.get("train/loss")]
+    with log.open("a", newline="") as f:  # what a killed epoch 3 had flushed, then half a line
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writerows(stale)
+        f.write("3,1")
+    run_script("train.py", f"resume={run}", "trainer.max_epochs=5", "callbacks.early_stopping=null", cwd=tmp_path)
+    after = list(csv.DictReader(log.open()))
+    keys = [(float(r["epoch"]), r["step"], tuple(k for k, v in r.items() if v and k not in ("epoch", "step")))
+            for r in after]
+    assert len(keys) == len(set(keys)), "duplicate rows"
+    assert all(None not in r.values() for r in after)
+    epochs_with_train_rows = sorted(float(r["epoch"]) for r in after if r.get("train/loss"))
+    assert epochs_with_train_rows == [0, 1, 2, 3, 4]

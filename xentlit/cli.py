@@ -142,6 +142,13 @@ class RunInfoInCheckpoint(Callback):
                 info["tabular"] = preprocessor.state_dict()
         checkpoint[RUN_INFO_KEY] = to_plain(info)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Resuming a fit: the CSV log forgets what the interrupted run logged after this checkpoint."""
+        if trainer.state.fn == "fit" and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if hasattr(logger, "forget_after_epoch"):
+                    logger.forget_after_epoch(int(checkpoint.get("epoch", 0)))
+
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on the CPU (weights only), with a clear error for missing or damaged files."""

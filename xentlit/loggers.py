@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import loggers
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from xentlit.atomic import write_atomic
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -29,3 +32,23 @@ class CSVLogger(loggers.CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def forget_after_epoch(self, epoch: int) -> None:
+        """Drop the rows a killed run logged after the checkpoint it resumes from (epoch > ``epoch``), and a last row
+        cut short by the kill, so the resumed run's rows are not duplicated. Rewritten atomically."""
+        path = self.experiment.metrics_file_path
+        if not self._fs.isfile(path):
+            return
+        with self._fs.open(path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+        kept = [row for row in rows if None not in row.values() and None not in row
+                and (not row.get("epoch") or float(row["epoch"]) <= epoch)]
+        if len(kept) == len(rows):
+            return
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        write_atomic(path, out.getvalue())
