@@ -45,16 +45,16 @@ def test_atomic_io_writes_beside_the_target_and_leaves_nothing_else(tmp_path, mo
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, tmp_path / "sub" / "a.ckpt")
     assert os.listdir(tmp_path / "sub") == ["a.ckpt"]
     seen = []
-    real_save = torch.save
+    from pathlib import Path
 
-    def spy(obj, f, *args, **kwargs):
-        seen.append(os.path.dirname(os.fspath(f)))
+    def full_disk(self, data):
+        seen.append(str(self.parent))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", spy)
-    with pytest.raises(OSError, match="No space left on device"):
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match=r"No space left on device.*a\.ckpt"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, tmp_path / "sub" / "a.ckpt")
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert seen == [str(tmp_path / "sub")]  # the temp file was in the checkpoint's own directory
     assert os.listdir(tmp_path / "sub") == ["a.ckpt"]  # no temp file left behind
     assert torch.equal(torch.load(tmp_path / "sub" / "a.ckpt", weights_only=True)["state_dict"]["w"], torch.ones(3))
@@ -65,14 +65,12 @@ KILL_DURING_WRITE = textwrap.dedent("""
     from xentlit.checkpointing import AtomicCheckpointIO
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "epoch": 1}, sys.argv[1])
-    real_save = torch.save
-    def half_then_die(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        size = os.path.getsize(f)
-        with open(f, "r+b") as h:
-            h.truncate(size // 2)
+    from pathlib import Path
+    def half_then_die(self, data):
+        with open(self, "wb") as h:
+            h.write(bytes(data)[: len(data) // 2])
         os._exit(137)  # killed with half a file written
-    torch.save = half_then_die
+    Path.write_bytes = half_then_die
     io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "epoch": 2}, sys.argv[1])
 """)
 

@@ -149,3 +149,84 @@ def test_a_crash_while_saving_leaves_the_last_good_checkpoint_intact(tmp_path):
     last = load_checkpoint(tmp_path / "last.ckpt")  # readable, not truncated
     assert last["epoch"] == 1  # the epoch before the interrupted save
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tmpfs mounted inside tmp_path: a filesystem other than $TMPDIR's (needs root; skipped otherwise)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+LONG = [*RUN[1:], "trainer.max_epochs=15"]  # epochs of ~0.3 s: many moments to be killed at
+
+
+def test_kills_at_random_moments_on_another_filesystem_resume_bitwise(tmpfs, tmp_path):
+    """SIGKILL several times at random moments (checkpoint writes included); every resume continues the same run:
+    the final parameters are bitwise those of the uninterrupted run, no CSV row twice, no stray file."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    (tmp_path / "whole").mkdir()
+    run_script("train.py", *LONG, cwd=tmp_path / "whole")
+    [uninterrupted] = run_dirs(tmp_path / "whole" / "outputs")
+    run = None
+    for attempt in range(4):
+        args = [*LONG] if run is None else [f"resume={run}"]
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train.py"), *args], cwd=tmpfs, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt == 3:  # the last one runs to the end
+            assert proc.wait(timeout=300) == 0
+            break
+        newest = max((p.stat().st_mtime_ns for p in tmpfs.rglob("*.ckpt")), default=0)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:  # until this process wrote a checkpoint
+            if max((p.stat().st_mtime_ns for p in tmpfs.rglob("*.ckpt")), default=0) > newest:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))  # somewhere in the next epochs, or inside a checkpoint write
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+        proc.wait(timeout=60)
+        [run] = run_dirs(tmpfs / "outputs")
+    [run] = run_dirs(tmpfs / "outputs")
+    expected, resumed = _final_state(uninterrupted), _final_state(run)
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    keys = [(float(r["epoch"]), r["step"], tuple(k for k, v in r.items() if v and k not in ("epoch", "step")))
+            for r in rows if r.get("epoch")]
+    assert len(keys) == len(set(keys)), "a CSV row logged twice"
+    assert not list(run.rglob("*.tmp")), "a temp file left behind"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[-1] == "last.ckpt" and len(names) == 2, names  # save_top_k=1: one best, plus last
+    assert read_metrics(run)["status"] == "completed"
+
+
+def test_a_full_disk_ends_with_one_line_and_the_run_resumes_once_space_is_freed(tmpfs):
+    subprocess.run(["mount", "-o", "remount,size=2600k", str(tmpfs)], check=True)
+    result = run_script("train.py", *LONG, cwd=tmpfs, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("xentlit: no space left on the device writing "), result.stderr[-3000:]
+    assert "resume=" in last_line
+    assert "Traceback" not in result.stderr
+    [run] = run_dirs(tmpfs / "outputs")
+    assert str(run) in last_line
+    from xentlit.cli import load_checkpoint
+
+    before = load_checkpoint(run / "checkpoints" / "last.ckpt")  # intact, readable
+    assert not list(run.rglob("*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=256m", str(tmpfs)], check=True)
+    run_script("train.py", f"resume={run}", cwd=tmpfs)
+    assert read_metrics(run)["status"] == "completed"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] > before["epoch"]

@@ -28,6 +28,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as err:  # name the file that could not be written (a full disk names none)
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(target)) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,8 +32,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        buffer = io.BytesIO()  # serialised first (as Lightning does): a full disk then fails in a plain write, as OSError
+        torch.save(checkpoint, buffer)
         with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+            tmp.write_bytes(buffer.getbuffer())
 
 
 class ModelCheckpoint(callbacks.ModelCheckpoint):
@@ -46,6 +50,28 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_behind(trainer)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == "fit":
+            self._resumed_epoch = int(checkpoint.get("epoch", -1))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume: remove the checkpoints an interrupted run wrote after the one resumed from (later epochs,
+        unknown to the restored state), so ``save_top_k`` holds again and no file of the abandoned run remains."""
+        resumed = getattr(self, "_resumed_epoch", None)
+        self._resumed_epoch = None
+        if resumed is None or not trainer.is_global_zero or self.dirpath is None or not os.path.isdir(self.dirpath):
+            return
+        known = {os.path.abspath(p) for p in (*self.best_k_models, self.best_model_path, self.last_model_path) if p}
+        for name in sorted(os.listdir(self.dirpath)):
+            path = os.path.abspath(os.path.join(self.dirpath, name))
+            if name.endswith(self.FILE_EXTENSION) and path not in known:
+                try:
+                    epoch = int(torch.load(path, map_location="cpu", weights_only=True).get("epoch", -1))
+                except Exception:  # unreadable: a file cut short by the kill
+                    epoch = resumed + 1
+                if epoch > resumed:
+                    os.remove(path)
 
     def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` unless this step already wrote a checkpoint (then Lightning wrote it too)."""

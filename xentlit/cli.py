@@ -7,6 +7,8 @@ LightningModule, callbacks, loggers and a Trainer; then fit, then test of the be
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import json
 import math
 import os
@@ -348,7 +350,15 @@ def _one_tracker_run_per_job() -> Iterator[None]:
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
     with _distributed_job(), _one_tracker_run_per_job():
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            run_dir = _configured_run_dir(cfg)
+            where = getattr(err, "filename", None) or run_dir
+            raise SystemExit(f"xentlit: no space left on the device writing {where}; the checkpoints written before are "
+                             f"intact. Free space, then continue with: python scripts/train.py resume={run_dir}") from None
 
 
 # Exit statuses of a run that did not complete (a failed run exits 1, with its error).
@@ -362,6 +372,8 @@ def _train(cfg: DictConfig) -> float | None:
     try:
         if cfg.get("resume"):  # the run directory's recorded overrides are part of this config: untrusted input
             check_targets(cfg, f"resume={cfg.resume}", cfg.get("trust_targets") or ())
+            for leftover in Path(cfg.resume).rglob(".*.tmp"):  # temp files of writes a kill cut short
+                leftover.unlink(missing_ok=True)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, module, trainer = build(cfg)
         run_dir = Path(trainer.default_root_dir).resolve()
@@ -441,7 +453,13 @@ def _interrupted(run_dir: Path | None, started: float, signal_name: str, code: i
 
 @rank_zero_only
 def _write_status(run_dir: Path, status: str, started: float, error: str) -> None:
-    """``metrics.json`` of a run that did not complete: how it ended and why, so it never looks like a finished one."""
+    """``metrics.json`` of a run that did not complete: how it ended and why, so it never looks like a finished one
+    (best effort: on a full disk this write fails too, and the run's own error is what matters)."""
+    with contextlib.suppress(OSError):
+        _write_status_file(run_dir, status, started, error)
+
+
+def _write_status_file(run_dir: Path, status: str, started: float, error: str) -> None:
     write_atomic(run_dir / METRICS_FILE, json.dumps({
         "status": status, "error": error, "metrics": {}, "run_dir": str(run_dir),
         "wall_time_s": round(time.perf_counter() - started, 3)}, indent=2, sort_keys=True) + "\n")
