@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -785,3 +786,7 @@ def test_all_constant_features_are_refused_and_a_train_constant_that_moves_later
     with pytest.warns(UserWarning, match=r"feature column 2 is constant in the train split \(7\) but not in the test "
                                          r"split \(it differs by up to 1e\+30\)"):
         moved.setup()
+    x[dm.split_indices["test"][0], 2] = 8.0  # a small move, within the spread of the other features: no word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TensorDataModule(x, y, val_fraction=0.2, test_fraction=0.2).setup()

@@ -527,22 +527,25 @@ def _take(
 
 def _check_constant_features(x_train: Tensor, others: dict[str, Tensor]) -> None:
     """Refuse features that are all constant in the train split (nothing to learn from); say which constant
-    features vary in another split (the network never saw them move, and standardising cannot scale them)."""
+    features move far in another split (the network never saw them move, and standardising cannot scale them)."""
     if len(x_train) < 2:
         return
     constant = (x_train == x_train[0]).all(dim=0)
     if bool(constant.all()):
         raise ValueError(f"every feature column ({x_train.shape[1]}) is constant in the train split: there is "
                          "nothing to learn from; check the data (or the feature columns chosen)")
+    # a train-constant feature moving by more than 10x the largest training spread is not noise the network can absorb
+    limit = 10.0 * float(x_train[:, ~constant].double().std(dim=0, unbiased=False).max())
     for name, x in others.items():
         if len(x) == 0 or not bool(constant.any()):
             continue
         moved = ((x - x_train[0]).abs() * constant).amax(dim=0)
-        if bool((moved > 0).any()):
+        if bool((moved > limit).any()):
             j = int(moved.argmax())
             rank_zero_warn(f"feature column {j} is constant in the train split ({float(x_train[0, j]):g}) but not "
                            f"in the {name} split (it differs by up to {float(moved[j]):.3g}): the network never saw it "
-                           f"vary, so its predictions there are unreliable; {int((moved > 0).sum())} column(s) like it")
+                           f"vary, so its predictions there are unreliable; {int((moved > limit).sum())} column(s) "
+                           f"like it (moving by more than 10x the largest training spread, {limit:.3g})")
 
 
 def _fit_standardizer(x: Tensor) -> tuple[Tensor, Tensor]:
