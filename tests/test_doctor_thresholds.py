@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from xentlit.callbacks import CODES, DIAGNOSIS_FILE, ConvergenceDoctor
+from xentlit.callbacks import DIAGNOSIS_FILE, ConvergenceDoctor
+
+from test_doctor import _finding  # one definition of what a well-formed finding is
 
 
 @pytest.fixture(autouse=True)
@@ -98,15 +100,6 @@ def _fit(root: Path, module: pl.LightningModule, train: DataLoader, *, epochs: i
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     report = json.loads((root / DIAGNOSIS_FILE).read_text())
     return doctor, trainer, report
-
-
-def _finding(report: dict, code: str) -> dict:
-    matches = [f for f in report["findings"] if f["code"] == code]
-    assert len(matches) == 1, f"expected exactly one {code!r} finding, got codes {report['codes']}"
-    finding = matches[0]
-    assert finding["severity"] == CODES[code][0]
-    assert finding["message"] and "Fix:" in finding["message"]
-    return finding
 
 
 # ------------------------------------------------------------------------------------------------ divergence

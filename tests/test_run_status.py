@@ -108,3 +108,18 @@ def test_resume_forgets_rows_logged_after_its_checkpoint_and_a_torn_last_line(tm
     assert all(None not in r.values() for r in after)
     epochs_with_train_rows = sorted(float(r["epoch"]) for r in after if r.get("train/loss"))
     assert epochs_with_train_rows == [0, 1, 2, 3, 4]
+
+
+def test_a_run_killed_while_testing_resumes_to_a_full_metrics_file(tmp_path):
+    """last.ckpt holds the final epoch: the resumed fit has nothing to train, yet metrics.json gets the
+    validation metrics (and val/acc_best, what sweeps optimise) besides the test ones."""
+    run_script("train.py", "trainer.max_epochs=2", cwd=tmp_path)
+    [run] = run_dirs(tmp_path / "outputs")
+    whole = read_metrics(run)["metrics"]
+    (run / "metrics.json").unlink()  # as if killed during the test stage
+    run_script("train.py", f"resume={run}", cwd=tmp_path)
+    resumed = read_metrics(run)["metrics"]
+    for name in ("val/acc", "val/acc_best", "val/nll", "test/acc"):
+        assert name in resumed, name
+    assert resumed["val/acc_best"] == pytest.approx(whole["val/acc_best"], abs=1e-6)
+    assert resumed["test/acc"] == pytest.approx(whole["test/acc"], abs=1e-6)

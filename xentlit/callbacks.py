@@ -78,6 +78,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
+from xentlit.atomic import write_atomic
+
 __all__ = ["CODES", "DIAGNOSIS_FILE", "ConvergenceDoctor", "Finding"]
 
 log = logging.getLogger(__name__)
@@ -1575,7 +1577,7 @@ class ConvergenceDoctor(Callback):
             try:
                 path = Path(trainer.default_root_dir) / self.report_file
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(report, indent=2) + "\n")
+                write_atomic(path, json.dumps(report, indent=2) + "\n")
             except OSError as err:
                 log.warning("ConvergenceDoctor could not write %s: %s", path, err)
                 path = None

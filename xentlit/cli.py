@@ -384,6 +384,8 @@ def _train(cfg: DictConfig) -> float | None:
             _fit(cfg, trainer, module, datamodule, run_dir, started)
         status = "diverged" if _diverged(trainer) else "completed"
         fit_metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        if cfg.train and not any(name.startswith("val/") for name in fit_metrics):
+            fit_metrics.update(_final_validation(trainer, module, datamodule))
         test_metrics: dict[str, float] = {}
         if cfg.test:
             checkpoint = trainer.checkpoint_callback
@@ -419,6 +421,18 @@ def _train(cfg: DictConfig) -> float | None:
     rank_zero_info(f"xentlit: run completed ({run_dir})")
     value = metrics.get(cfg.optimized_metric)
     return None if value is None or math.isnan(value) else value
+
+
+def _final_validation(trainer: pl.Trainer, module: Any, datamodule: Any) -> dict[str, float]:
+    """Validation metrics of a fit that ran no epoch (a resume of a run killed after its last epoch, e.g. during
+    testing): the final weights validated again, and the best accuracy so far from the module's restored state."""
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+    best = getattr(module, "val_acc_best", None)
+    if best is not None and "val/acc" in metrics:
+        best.update(torch.tensor(metrics["val/acc"]))
+        metrics["val/acc_best"] = float(best.compute())
+    return metrics
 
 
 def _configured_run_dir(cfg: DictConfig) -> Path | None:

@@ -34,6 +34,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from xentlit.atomic import write_atomic
+
 # Dataset name -> Hydra overrides of conf/train.yaml.
 DATASETS: dict[str, list[str]] = {
     "imbalanced": ["experiment=imbalanced"],  # synthetic, imbalance factor 100, balanced test split
@@ -169,7 +171,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     row["seconds"] = round(time.perf_counter() - started, 2)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps({"overrides": list(job["overrides"]), **row}, indent=2) + "\n")
+    write_atomic(run_dir / "metrics.json", json.dumps({"overrides": list(job["overrides"]), **row}, indent=2) + "\n")
     return row
 
 
@@ -321,12 +323,12 @@ def compare(settings: Settings) -> Path:
         settings.out_dir = str(Path("outputs") / "compare" / stamp)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    write_atomic(out / "settings.json", json.dumps(asdict(settings), indent=2) + "\n")
     started = time.perf_counter()
     rows = run_all(settings)
     write_csv(rows, out / "results.csv")
     table = markdown_table(rows)
-    (out / "summary.md").write_text(table)
+    write_atomic(out / "summary.md", table)
     plot(rows, out / "comparison.png")
     print()
     print(table)
