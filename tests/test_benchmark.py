@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from conftest import run_script
 from xentlit import benchmark
 
 
@@ -27,3 +28,17 @@ def test_peak_rss_probe_sees_an_allocation_made_after_the_reset():
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert benchmark._proc_status_mib("VmHWM") - before > 50
     del big
+
+
+def test_table_loading_benchmark_reports_times_and_memory(tmp_path):
+    """A tiny run of scripts/bench_tables.py: the CSV it writes is what it says, and every line of the report comes."""
+    import pandas as pd
+
+    result = run_script("bench_tables.py", "--rows", "3000", "--columns", "4", "--repeats", "1",
+                        "--workdir", str(tmp_path), cwd=tmp_path, timeout=240)
+    frame = pd.read_csv(tmp_path / "table_3000x4.csv")
+    assert frame.shape == (3000, 5) and list(frame.columns) == ["f0", "f1", "f2", "f3", "label"]
+    assert set(frame["label"]) <= {0, 1, 2, 3}
+    for line in ("`FileDataModule.setup()`", "`pandas.read_csv`", "ratio xentlit / pandas", "peak RSS, imports only",
+                 "peak RSS, training run (1 epoch)", "(budget 3)"):
+        assert line in result.stdout, line
