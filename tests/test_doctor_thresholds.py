@@ -28,15 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from xentlit.callbacks import DIAGNOSIS_FILE, ConvergenceDoctor
 
-from test_doctor import _finding  # one definition of what a well-formed finding is
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_doctor import _finding, _one_thread  # noqa: F401  (one definition; the autouse fixture applies here too)
 
 
 def _logits_with_nll(target: torch.Tensor, num_classes: int, nll: float) -> torch.Tensor:

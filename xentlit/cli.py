@@ -230,7 +230,7 @@ def _quiet_known_noise() -> None:
 
 
 # Options that choose where a run writes files.
-_OUTPUT_KEYS = ("dirpath", "save_dir", "default_root_dir", "output_dir", "log_dir", "root_dir", "dirpath", "paths")
+_OUTPUT_KEYS = ("dirpath", "save_dir", "default_root_dir", "output_dir", "log_dir", "root_dir", "paths")
 
 
 def _argv_for_resume(argv: list[str]) -> list[str]:
@@ -675,15 +675,12 @@ def _prediction_inputs(cfg: DictConfig, run_cfg: DictConfig, info: dict[str, Any
 def _label_metrics(labels: Any, logits: torch.Tensor, class_names: list[str], label_column: str,
                    source: str) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1 and NLL over the rows whose label is one of the model's classes."""
-    import numpy as np
     import pandas as pd
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_recall
 
-    values = pd.Series(labels)
-    if pd.api.types.is_numeric_dtype(values):
-        keys = values.map(lambda v: None if pd.isna(v) else (str(int(v)) if float(v) == int(v) else str(v)))
-    else:
-        keys = values.map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    from xentlit.data.tabular import _category_keys
+
+    keys = _category_keys(pd.Series(labels))  # as the class names were made: 3.0 and "3" are class "3"
     codes = pd.Index(class_names).get_indexer(keys)  # -1: missing or not a class of the model
     known = codes >= 0
     result: dict[str, Any] = {"rows": int(len(codes)), "rows_with_known_label": int(known.sum())}

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from xentlit.data.base import Split, TensorDataModule
 from xentlit.data.checks import _as_features, _as_targets, _check_int
-from xentlit.data.tabular import Columns, TabularPreprocessor
+from xentlit.data.tabular import Columns, TabularPreprocessor, _check_unique
 
 _SUPPORTED_SUFFIXES = (".csv", ".parquet", ".npz")
 
@@ -287,7 +287,8 @@ def read_frame(path: str | Path, label_column: str | None = None) -> Columns:
     try:
         if suffix == ".parquet":
             parquet = pq.ParquetFile(p)
-            columns = _collect(parquet.iter_batches(), parquet.schema_arrow, label_column, parquet.metadata.num_rows)
+            columns = _collect(parquet.iter_batches(), parquet.schema_arrow, label_column, parquet.metadata.num_rows,
+                               str(path))
         else:
             with pacsv.open_csv(p) as reader:
                 schema = reader.schema
@@ -302,7 +303,7 @@ def read_frame(path: str | Path, label_column: str | None = None) -> Columns:
                 try:
                     options = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
                     with pacsv.open_csv(p, convert_options=options) as reader:
-                        columns = _collect(reader, reader.schema, label_column, expected)
+                        columns = _collect(reader, reader.schema, label_column, expected, str(path))
                     break
                 except pa.ArrowInvalid as err:
                     column = _failed_column(str(err), schema.names)
@@ -325,7 +326,7 @@ def read_frame(path: str | Path, label_column: str | None = None) -> Columns:
     return columns
 
 
-def _collect(batches: Any, schema: Any, label_column: str | None, expected_rows: int) -> Columns:
+def _collect(batches: Any, schema: Any, label_column: str | None, expected_rows: int, source: str) -> Columns:
     """Consume record batches into :class:`Columns`: number columns as numpy arrays, the rest as pandas Series.
 
     Number columns are copied batch by batch into arrays preallocated for ``expected_rows`` (an estimate: pages
@@ -335,7 +336,7 @@ def _collect(batches: Any, schema: Any, label_column: str | None, expected_rows:
 
     numeric = {f.name for f in schema if f.name != label_column and not pa.types.is_dictionary(f.type)
                and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))}
-    _check_unique_names([str(n) for n in schema.names])
+    _check_unique([str(n) for n in schema.names], source)
     growing = {name: _Growing(np.float32 if pa.types.is_float32(schema.field(name).type) else
                               np.float64 if pa.types.is_floating(schema.field(name).type) else np.int64,
                               expected_rows) for name in numeric}
@@ -377,14 +378,6 @@ class _Growing:
 
     def values(self) -> np.ndarray:
         return self.data[: self.size]
-
-
-def _check_unique_names(names: list[str]) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"two columns are named {name!r}; column names must be unique")
-        seen.add(name)
 
 
 def _failed_column(message: str, names: list[str]) -> str | None:
