@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xentlit.atomic import atomic_path
+
 ROOT = Path(__file__).resolve().parents[1]
 _PEAK = textwrap.dedent("""
     import resource, subprocess, sys
@@ -53,8 +55,9 @@ def make_csv(path: Path, rows: int, columns: int, seed: int = 0, chunk: int = 20
 
     rng = np.random.default_rng(seed)
     weights = rng.normal(size=(columns, 4))
-    with pacsv.CSVWriter(path, pa.schema([*(pa.field(f"f{i}", pa.float32()) for i in range(columns)),
-                                          pa.field("label", pa.int64())])) as writer:
+    schema = pa.schema([*(pa.field(f"f{i}", pa.float32()) for i in range(columns)), pa.field("label", pa.int64())])
+    # atomically: a run killed while writing must not leave a short CSV that the next run takes as the benchmark's
+    with atomic_path(path) as tmp, pacsv.CSVWriter(str(tmp), schema) as writer:
         for start in range(0, rows, chunk):
             x = rng.normal(size=(min(chunk, rows - start), columns)).round(4).astype(np.float32)  # ~8 bytes a cell
             label = (x @ weights + rng.gumbel(size=(len(x), 4))).argmax(1)
