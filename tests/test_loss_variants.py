@@ -16,7 +16,6 @@ import yaml
 
 from conftest import CONF, run_script
 from xentlit import compare
-from xentlit import losses
 from xentlit.losses import (
     LOSSES,
     ConfidencePenaltyLoss,
@@ -175,13 +174,10 @@ def case_id(case):
     return name + "-" + "-".join(f"{k}{'A' if k == 'alpha' else v}" for k, v in knobs.items())
 
 
-@pytest.mark.parametrize("rows_per_block", [None, 2], ids=["one-block", "blocks-of-2-rows"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_value_and_gradient_match_the_paper_formula(case, rows_per_block, monkeypatch):
-    """Every option against the paper's formula; with blocks of 2 rows (of 7), the fused paths (probabilities,
-    smoothing, the confidence penalty, the z-loss) also cross block boundaries, the last block a short one."""
-    if rows_per_block is not None:
-        monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", rows_per_block * C)
+def test_value_and_gradient_match_the_paper_formula(case):
+    """Every option (weights, ignore, reductions, indices / smoothed / probabilities, z-loss) against the paper's
+    formula written out in float64: value and autograd's gradient."""
     name, knobs = case
     supports_soft = LOSSES[name].supports_soft_targets
     checked = 0
@@ -379,10 +375,9 @@ def test_focal_gamma_below_one_has_zero_not_nan_gradient_where_p_is_one():
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in {"focal", "confidence_penalty", "poly1",
                                                                 "symmetric_ce"}], ids=case_id)
-def test_fused_paths_give_the_same_gradient_twice_and_through_log_probs(case):
-    """The hand-differentiated functions: a retained graph's second backward (the first may reuse buffers in place)
-    and the path that returns the gradient for the log-probabilities instead of the logits (used when
-    per_sample_loss is handed log-probabilities of its own making)."""
+def test_retained_graph_and_per_sample_loss_on_given_log_probs_give_the_paper_gradient(case):
+    """A retained graph's second backward, and `per_sample_loss` called on log-probabilities of the caller's
+    making (the extension point a subclass uses), give the gradient of the paper's formula."""
     name, knobs = case
     for kind in ("index", "soft"):
         logits, target = make_inputs(kind, False, seed=3)
@@ -399,13 +394,12 @@ def test_fused_paths_give_the_same_gradient_twice_and_through_log_probs(case):
         torch.testing.assert_close(via_log_probs, first, **TOL)
 
 
-FUSED_CASES = [c for c in CASES if c[0] in {"focal", "confidence_penalty", "poly1", "symmetric_ce"}]
+FULL_DISTRIBUTION_CASES = [c for c in CASES if c[0] in {"focal", "confidence_penalty", "poly1", "symmetric_ce"}]
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
-def test_spatial_probabilities_and_smoothing_in_blocks_of_one_row_match_the_paper_formula(case, monkeypatch):
-    """(N, C, d) logits through the fused paths, one row (C x d entries) per block, z-loss included."""
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 1)
+@pytest.mark.parametrize("case", FULL_DISTRIBUTION_CASES, ids=case_id)
+def test_spatial_probabilities_and_smoothing_match_the_paper_formula(case):
+    """(N, C, d) logits with probabilities and label smoothing, z-loss included."""
     name, knobs = case
     knobs = {**knobs, "z_loss": 0.02}
     for kind, smoothing, use_w in [("soft", 0.0, True), ("index", 0.2, True), ("index", 0.1, False)]:
@@ -420,10 +414,10 @@ def test_spatial_probabilities_and_smoothing_in_blocks_of_one_row_match_the_pape
             torch.testing.assert_close(g, g_hand, **TOL)
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FULL_DISTRIBUTION_CASES, ids=case_id)
 def test_smoothing_taken_apart_equals_the_smoothed_probabilities_a_subclass_sees(case):
-    """Label smoothing reaches the built-in formulas as eps / C + (1 - eps) one_hot (no (N, C) target); a subclass
-    that overrides per_sample_loss gets the smoothed probabilities instead. Both give the same numbers."""
+    """A subclass that overrides per_sample_loss gets label-smoothed indices as smoothed probabilities, and
+    gives the built-in formula's numbers."""
     name, knobs = case
     seen = []
 
@@ -432,7 +426,6 @@ def test_smoothing_taken_apart_equals_the_smoothed_probabilities_a_subclass_sees
             seen.append(target.is_floating_point())
             return super().per_sample_loss(log_probs, target, weight)
 
-    assert LOSSES[name]._fused_soft and not Override._fused_soft
     logits, target = make_inputs("index", True, seed=8)
     for reduction in ("mean", "none"):
         fused = build(name, knobs, WEIGHTS, reduction, 0.3)
@@ -444,10 +437,10 @@ def test_smoothing_taken_apart_equals_the_smoothed_probabilities_a_subclass_sees
     assert seen == [True, True]  # the override ran, on smoothed probabilities
 
 
-@pytest.mark.parametrize("case", FUSED_CASES + [("cross_entropy", dict(z_loss=0.05))], ids=case_id)
-def test_fused_paths_are_twice_differentiable_and_need_no_graph_without_grad(case):
-    """Double backward (gradgradcheck, create_graph=True) through the hand-differentiated paths, and a forward
-    under no_grad (which skips their gradient work) that gives the same values."""
+@pytest.mark.parametrize("case", FULL_DISTRIBUTION_CASES + [("cross_entropy", dict(z_loss=0.05))], ids=case_id)
+def test_variants_are_twice_differentiable_and_need_no_graph_without_grad(case):
+    """Double backward (gradgradcheck, create_graph=True), and a forward under no_grad that gives the same
+    values without a graph."""
     name, knobs = case
     for kind, smoothing in [("soft", 0.0), ("index", 0.2), ("index", 0.0)]:
         logits, target = make_inputs(kind, False, seed=9, n=4)
@@ -461,8 +454,7 @@ def test_fused_paths_are_twice_differentiable_and_need_no_graph_without_grad(cas
 
 
 @pytest.mark.parametrize("name", [n for n, cls in VARIANTS.items() if cls.supports_soft_targets])
-def test_variants_check_probability_targets_in_every_block(name, monkeypatch):
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 2 * C)  # the bad row is in the last block
+def test_variants_check_probability_targets_in_every_row(name):
     loss = build(name, {})
     logits, target = make_inputs("soft", False, seed=10)
     loss(logits, target)
@@ -744,8 +736,32 @@ def test_bench_only_times_the_matching_cells(tmp_path):
     assert "system malloc defaults" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| loss")]
     assert len(rows) == 1 and rows[0].startswith("| focal |")
-    cells = [cell.strip() for cell in rows[0].split("|")[3:-1]]
+    cells = [cell.strip() for cell in rows[0].split("|")[2:-1]]
     assert cells[:3] == ["-", "-", "-"] and re.match(r"\d+\.\d+x \[", cells[3])
+
+
+@pytest.mark.slow
+def test_compiled_loss_matches_eager_and_the_benchmark_reports_it():
+    """compile=True runs the same formula through torch.compile (smoothing, weights, ignored rows, a second batch
+    size): eager's value and gradient to float32 rounding; the loss benchmark times it and shows its compile time."""
+    from xentlit.loss_benchmark import markdown, run
+
+    logits, target = make_inputs("index", True, seed=11, n=16, dtype=torch.float32)
+    kwargs = dict(gamma=2.0, class_weights=WEIGHTS, label_smoothing=0.1, z_loss=0.01)
+    eager, compiled = FocalLoss(**kwargs), FocalLoss(**kwargs, compile=True)
+    assert "compile=True" in repr(compiled)
+    for rows in (16, 9):
+        want = value_and_grad(eager(logits[:rows], target[:rows]), logits)
+        got = value_and_grad(compiled(logits[:rows], target[:rows]), logits)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert compiled._compiled is not None and eager._compiled is None
+    with pytest.raises(ValueError, match="class indices outside"):  # validation stays outside the compiled part
+        compiled(logits[:2], torch.tensor([0, 7]))
+    cells = run(32, 5, reps=1, warmup=0, inner=1, only=["^focal plain"], compile=True)
+    assert [(c["row"], c["setting"]) for c in cells] == [("focal", "plain")]
+    assert cells[0]["compile_s"] > 0 and cells[0]["compiled_ratio"] > 0
+    assert re.search(r"\| focal \| \d+\.\d+x \[\d+\.\d+\] \([^)]*\); compiled \d+\.\d+x, \d+ s \| - \| - \| - \|",
+                     markdown(cells, 32, 5, 1, 1))
 
 
 def test_compare_quick_writes_csv_table_and_plot(tmp_path):
