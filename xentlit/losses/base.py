@@ -30,11 +30,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from xentlit.losses.checks import check_beta, check_number, weights_tensor
+from xentlit.losses.checks import check_number
 from xentlit.losses.validation import check_class_indices, check_shapes, raise_value_error, soft_target_tolerance
-from xentlit.losses.weights import WEIGHT_STRATEGIES, class_weights
+from xentlit.losses.weights import ClassWeightedLoss
 
 __all__ = ["REDUCTIONS", "CrossEntropyLoss", "class_view"]
 
@@ -75,7 +75,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(ClassWeightedLoss):
     """Drop-in superset of `torch.nn.CrossEntropyLoss`: same numbers, plus class-weight strategies, a
     (sum, denominator) split for exact distributed means, safe all-ignored batches, float32 compute for
     low-precision logits, a z-loss, readable input errors and an optional `torch.compile`.
@@ -104,14 +104,9 @@ class CrossEntropyLoss(nn.Module):
     whose denominator is 0 is 0 with zero gradient instead of NaN/inf.
     """
 
-    weight: Tensor | None
-    # (weak reference, version) of the weights that last passed validation.
-    _checked_weight: tuple[Any, int] | None = None
     _compiled: Callable[..., tuple[Tensor, Tensor | None]] | None = None
     # False for losses defined for class indices only: probability targets and label smoothing are refused.
     supports_soft_targets: ClassVar[bool] = True
-    # Small per-class buffers that dtype casts leave alone and a checkpoint may resize; subclasses add theirs.
-    _class_buffers: ClassVar[tuple[str, ...]] = ("weight",)
     # Devices whose kernels reject out-of-range class indices synchronously with an exception, so validation
     # need not sanitise the targets first (elsewhere a bad index could hit a device-side assert).
     _index_checking_devices: ClassVar[tuple[str, ...]] = ("cpu",)
@@ -127,7 +122,7 @@ class CrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         compile: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(class_weights, beta)
         if not isinstance(reduction, str) or reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
@@ -145,82 +140,8 @@ class CrossEntropyLoss(nn.Module):
         self.z_loss: float = check_number("z_loss", z_loss, low=0.0)
         self.reduction: str = reduction
         self.label_smoothing: float = smoothing
-        self.beta: float = check_beta(beta)
         self.validate: bool = bool(validate)
         self.compile: bool = bool(compile)
-        self.weight_strategy: str | None = None
-        weight: Tensor | None = None
-        if isinstance(class_weights, str):
-            if class_weights not in WEIGHT_STRATEGIES:
-                raise ValueError(
-                    f"unknown class weight strategy {class_weights!r}; expected one of {WEIGHT_STRATEGIES} or "
-                    "explicit per-class weights"
-                )
-            self.weight_strategy = class_weights
-            weight = torch.empty(0)  # placeholder until set_class_counts
-        elif class_weights is not None:
-            weight = weights_tensor(class_weights)
-        self.register_buffer("weight", weight, persistent=True)
-
-    # ---- class weights ------------------------------------------------------------------------------------
-
-    @property
-    def class_weights(self) -> str | Tensor | None:
-        """The class_weights option as configured: the strategy name, the explicit weights, or None."""
-        return self.weight_strategy if self.weight_strategy is not None else self.weight
-
-    @property
-    def rebalances_classes(self) -> bool:
-        """Whether this loss trades the frequent classes' fit for the rare ones' (class weights): its value then
-        rewards that trade, and model selection should look at balanced accuracy instead (``monitor=auto``)."""
-        return self.weight is not None or self.weight_strategy is not None
-
-    @property
-    def needs_class_counts(self) -> bool:
-        """True while a weight strategy is configured but its weights are not computed yet."""
-        pending = self.weight is None or self.weight.numel() == 0
-        return self.weight_strategy is not None and pending
-
-    def set_class_counts(self, counts: Tensor | Sequence[float]) -> None:
-        """Compute the strategy's weights from per-class counts of labelled training rows (again if called again)."""
-        if self.weight_strategy is None:
-            raise RuntimeError(
-                "set_class_counts needs a class weight strategy, but this loss was built with "
-                f"class_weights={'None' if self.weight is None else 'explicit weights'}; "
-                f"pass one of {WEIGHT_STRATEGIES} as class_weights"
-            )
-        w = class_weights(counts, self.weight_strategy, self.beta)
-        self.weight = w.to(device=self.weight.device if self.weight is not None else None)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # A checkpoint saved after set_class_counts holds a (C,) buffer where a fresh loss with a pending strategy
-        # holds an empty placeholder: adopt the saved shape.
-        for name in self._class_buffers:
-            incoming, current = state_dict.get(prefix + name), getattr(self, name)
-            if isinstance(incoming, Tensor) and current is not None and incoming.shape != current.shape:
-                dtype = incoming.dtype if incoming.is_floating_point() else current.dtype
-                setattr(self, name, torch.empty(incoming.shape, dtype=dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> CrossEntropyLoss:
-        # Module casts (.half(), Lightning's "bf16-true") move the per-class buffers but keep their dtype: they
-        # are tiny, and rounding them to bf16 would change the loss while the computation stays in float32.
-        old = {name: getattr(self, name) for name in self._class_buffers}
-        super()._apply(fn, recurse)
-        for name, before in old.items():
-            after = getattr(self, name)
-            if before is not None and after is not None and after.dtype != before.dtype:
-                setattr(self, name, before.to(device=after.device))
-        return self
-
-    def _resolve_weight(self) -> Tensor | None:
-        if self.needs_class_counts:
-            raise RuntimeError(
-                f"class_weights={self.weight_strategy!r} needs the class counts before the first forward: call "
-                "set_class_counts(counts) with the per-class number of labelled training rows (or use a "
-                "datamodule that exposes class counts)"
-            )
-        return self.weight
 
     # ---- the formula: what variants override ----------------------------------------------------------------
 
@@ -415,12 +336,6 @@ class CrossEntropyLoss(nn.Module):
             self._checked_weight = (weakref.ref(weight), weight._version)
         return loss, denominator, values[1] if denominator is not None else None
 
-    def _weight_known_good(self, weight: Tensor | None) -> bool:
-        """Whether these very weights (same tensor, unmodified since: its version counter) passed validation."""
-        checked = self._checked_weight
-        return (weight is not None and checked is not None and checked[0]() is weight
-                and checked[1] == weight._version)
-
     def __getstate__(self) -> dict[str, Any]:
         # Pickling and deepcopy leave out the per-call caches (a weak reference, a compiled function).
         state = self.__dict__.copy()
@@ -462,17 +377,7 @@ class CrossEntropyLoss(nn.Module):
         return loss_sum / (value if value > 0 else math.inf)  # the same float as the tensor, one node fewer
 
     def extra_repr(self) -> str:
-        if self.weight_strategy is not None:
-            state = "pending" if self.needs_class_counts else f"{self.weight.numel()} classes"
-            weights = f"class_weights={self.weight_strategy!r} ({state})"
-            if self.weight_strategy == "effective_number":
-                weights += f", beta={self.beta}"
-        elif self.weight is None:
-            weights = "class_weights=None"
-        elif self.weight.numel() <= 8:
-            weights = f"class_weights={[round(v, 4) for v in self.weight.tolist()]}"
-        else:
-            weights = f"class_weights=<{self.weight.numel()} values>"
+        weights = self._weights_repr()
         knobs = "".join(f"{name}={value!r}, " for name, value in self._knobs().items())
         z = f", z_loss={self.z_loss}" if self.z_loss else ""
         compiled = ", compile=True" if self.compile else ""
