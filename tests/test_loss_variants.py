@@ -18,10 +18,12 @@ from conftest import CONF, run_script
 from xentlit import compare
 from xentlit.losses import (
     LOSSES,
+    ActivePassiveLoss,
     ConfidencePenaltyLoss,
     CrossEntropyLoss,
     FocalLoss,
     GeneralizedCrossEntropyLoss,
+    LDAMLoss,
     LogitAdjustedLoss,
     Poly1Loss,
     SymmetricCrossEntropyLoss,
@@ -41,6 +43,9 @@ VARIANTS = {
     "poly1": Poly1Loss,
     "symmetric_ce": SymmetricCrossEntropyLoss,
     "generalized_ce": GeneralizedCrossEntropyLoss,
+    "nce_rce": ActivePassiveLoss,
+    "nfl_rce": ActivePassiveLoss,
+    "ldam": LDAMLoss,
 }
 
 
@@ -83,6 +88,20 @@ def hand_row(name, knobs, z, t, w, z_weight):
     elif name == "generalized_ce":  # Zhang & Sabuncu: (1 - p_y^q) / q
         y = int(t.argmax())
         loss = w[y] * (1 - p[y] ** knobs["q"]) / knobs["q"]
+    elif name in ("nce_rce", "nfl_rce"):  # Ma et al.: alpha L(t) / sum_j L(j) + beta RCE, L(j) = -(1-p_j)^g log p_j
+        active = -((1 - p) ** knobs.get("gamma", 0.0)) * lp
+        log_q = torch.log(torch.clamp(t, min=1e-4))  # the authors' clamp: log 0 := log 1e-4
+        rce = -(p * log_q).sum()
+        loss = row_w * (knobs.get("apl_alpha", 1.0) * (t * active).sum() / active.sum()
+                        + knobs.get("apl_beta", 1.0) * rce)
+    elif name == "ldam":  # Cao et al.: -log softmax(s (z - m_y e_y))_y, m_c = max_m (n_min / n_c)^(1/4)
+        counts = torch.tensor(COUNTS, dtype=torch.float64).clamp_min(1.0)
+        margins = knobs.get("max_margin", 0.5) * counts ** -0.25 / (counts ** -0.25).max()
+        margins = margins.float().to(z.dtype)  # stored as float32, as documented
+        y = int(t.argmax())
+        shifted = z - margins[y] * F.one_hot(torch.tensor(y), C).to(z.dtype)
+        _, lp_m, _ = softmax_parts(knobs.get("scale", 1.0) * shifted)
+        loss = -w[y] * lp_m[y]
     else:
         raise AssertionError(name)
     return loss + knobs.get("z_loss", 0.0) * z_weight * log_z**2
@@ -118,7 +137,7 @@ def hand_loss(name, knobs, logits, target, weights, reduction, smoothing):
 def build(name, knobs, weights=None, reduction="mean", smoothing=0.0, **extra):
     cls = CrossEntropyLoss if name == "cross_entropy" else VARIANTS[name]
     loss = cls(class_weights=weights, reduction=reduction, label_smoothing=smoothing, **knobs, **extra)
-    if isinstance(loss, LogitAdjustedLoss):
+    if isinstance(loss, (LogitAdjustedLoss, LDAMLoss)):
         loss.set_class_counts(COUNTS)
     return loss
 
@@ -156,6 +175,10 @@ CASES = [
     ("symmetric_ce", dict(sce_alpha=0.1, sce_beta=2.0, log_zero=-9.21)),
     ("generalized_ce", dict(q=0.7)),
     ("generalized_ce", dict(q=0.2)),
+    ("nce_rce", dict(apl_alpha=1.0, apl_beta=1.0)),
+    ("nfl_rce", dict(gamma=0.5, apl_alpha=2.0, apl_beta=0.5)),
+    ("ldam", dict(max_margin=0.5)),
+    ("ldam", dict(max_margin=0.8, scale=3.0)),
     ("cross_entropy", dict(z_loss=0.05)),
 ]
 COMBOS = [
@@ -228,6 +251,7 @@ def test_spatial_dims_and_loss_terms_split_exactly(case):
 
 # ---- reductions to cross-entropy ---------------------------------------------------------------------------
 
+CE_PARAMETERS = inspect.signature(CrossEntropyLoss.__init__).parameters
 CE_LIMITS = [
     ("focal", dict(gamma=0.0)),
     ("confidence_penalty", dict(penalty=0.0)),
@@ -253,6 +277,48 @@ def test_knob_at_zero_is_cross_entropy(case, reduction):
         v_ref, g_ref = value_and_grad(ref, logits)
         torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_nfl_at_gamma_zero_is_nce_and_a_vanishing_ldam_margin_is_cross_entropy():
+    logits, target = make_inputs("index", True, seed=12)
+    nce = ActivePassiveLoss(apl_beta=0.0, class_weights=WEIGHTS, reduction="none")
+    nfl = ActivePassiveLoss(gamma=1e-12, apl_beta=0.0, class_weights=WEIGHTS, reduction="none")
+    torch.testing.assert_close(nfl(logits, target), nce(logits, target), rtol=1e-9, atol=1e-9)
+    lp = logits.log_softmax(1)  # NCE = log p_y / sum_j log p_j, by hand
+    by_hand = lp.gather(1, target.clamp_min(0)[:, None]).squeeze(1) / lp.sum(1)
+    by_hand = torch.where(target != IGNORE, by_hand * torch.tensor(WEIGHTS, dtype=torch.float64)[target.clamp_min(0)], 0)
+    torch.testing.assert_close(nce(logits, target), by_hand, **TOL)
+    ldam = LDAMLoss(max_margin=1e-12, class_weights=WEIGHTS)
+    ldam.set_class_counts(COUNTS)
+    ce = F.cross_entropy(logits, target, weight=torch.tensor(WEIGHTS, dtype=torch.float64))
+    torch.testing.assert_close(ldam(logits, target), ce, rtol=1e-9, atol=1e-9)
+
+
+def test_deferred_reweighting_switches_the_class_weights_on_at_its_epoch():
+    logits, target = make_inputs("index", True, seed=13)
+    loss = LDAMLoss(class_weights="effective_number", beta=0.9999, reweight_from_epoch=2)
+    loss.set_class_counts(COUNTS)
+    unweighted = LDAMLoss()
+    unweighted.set_class_counts(COUNTS)
+    weighted = LDAMLoss(class_weights=class_weights(COUNTS, "effective_number", 0.9999))
+    weighted.set_class_counts(COUNTS)
+    for epoch, reference in [(0, unweighted), (1, unweighted), (2, weighted), (5, weighted)]:
+        loss.set_epoch(epoch)
+        torch.testing.assert_close(loss(logits, target), reference(logits, target), rtol=0, atol=0)
+    assert not torch.equal(unweighted(logits, target), weighted(logits, target))
+    assert "reweight_from_epoch=2" in repr(loss) and loss.rebalances_classes
+    with pytest.raises(ValueError, match=r"reweight_from_epoch must be an integer >= 0, got -1"):
+        CrossEntropyLoss(reweight_from_epoch=-1)
+
+
+def test_balanced_softmax_is_logit_adjustment_with_tau_one():
+    """Balanced softmax (Ren et al. 2020): -log(n_y e^{z_y} / sum_j n_j e^{z_j}), as documented."""
+    logits, target = make_inputs("index", False, seed=14)
+    counts = torch.tensor(COUNTS, dtype=torch.float64).clamp_min(1.0)
+    balanced = -(torch.log(counts) + logits).log_softmax(1).gather(1, target[:, None]).mean()
+    loss = LogitAdjustedLoss(tau=1.0)
+    loss.set_class_counts(COUNTS)
+    torch.testing.assert_close(loss(logits, target), balanced, rtol=1e-6, atol=1e-6)  # (priors stored in float32)
 
 
 def test_z_loss_zero_is_the_fast_path_and_positive_adds_the_term():
@@ -314,6 +380,9 @@ STABLE_CASES = [
     ("poly1", dict(epsilon=1.0)),
     ("symmetric_ce", dict(sce_alpha=0.1, sce_beta=1.0)),
     ("generalized_ce", dict(q=0.3)),
+    ("nce_rce", dict(apl_alpha=1.0, apl_beta=1.0)),
+    ("nfl_rce", dict(gamma=0.5, apl_alpha=2.0, apl_beta=0.5)),
+    ("ldam", dict(max_margin=0.5)),
 ]
 
 
@@ -352,6 +421,9 @@ def test_extreme_logits_give_finite_exact_values_and_gradients(case, dtype):
         "cross_entropy": gap, "focal": gap * (ALPHA[0] if knobs.get("alpha") else 1.0),
         "confidence_penalty": gap, "logit_adjusted": gap + la_shift, "poly1": gap + 1.0,
         "symmetric_ce": 0.1 * gap + 1.0 * 4.0, "generalized_ce": 1 / 0.3,
+        # log p_y / sum_j log p_j = 1/4 (four classes at -gap, the winner at 0); RCE = -log 1e-4
+        "nce_rce": 0.25 + math.log(1e4), "nfl_rce": 2.0 * 0.25 + 0.5 * math.log(1e4),
+        "ldam": gap + 0.5 * COUNTS[0] ** -0.25,  # the label's logit lowered by its margin
     }[name] + z0
     assert per[0].item() == pytest.approx(z0, abs=1e-3 + 1e-6 * z0)  # p_y = 1: nothing left but the z term
     assert per[1].item() == pytest.approx(expected_underflow, rel=1e-6)
@@ -628,6 +700,11 @@ def test_happy_path_reads_the_host_at_most_once(monkeypatch):
 # ---- configs -----------------------------------------------------------------------------------------------
 
 
+# The presets: a registered class with some options set (each of these keys differs from the constructor's default).
+PRESETS = {("class_balanced", "class_weights"), ("nfl_rce", "gamma"), ("ldam_drw", "class_weights"),
+           ("ldam_drw", "beta"), ("ldam_drw", "reweight_from_epoch")}
+
+
 def test_every_registered_loss_has_a_config_with_the_constructor_defaults():
     for name, cls in LOSSES.items():
         path = CONF / "loss" / f"{name}.yaml"
@@ -646,10 +723,14 @@ def test_every_registered_loss_has_a_config_with_the_constructor_defaults():
         assert set(node) - {"defaults", "_target_"} <= set(signature) - {"self"}, name
         assert set(signature) - base <= set(node), name  # every knob of the variant is spelled out
         for key, value in node.items():
-            if key in {"defaults", "_target_", "ignore_index"} or (name, key) == ("class_balanced", "class_weights"):
+            if key in {"defaults", "_target_", "ignore_index"} or (name, key) in PRESETS:
                 continue
             assert value == signature[key].default, (name, key)
     assert yaml.safe_load((CONF / "loss" / "class_balanced.yaml").read_text())["class_weights"] == "effective_number"
+    for name, key in PRESETS:  # each preset really sets its key
+        node = yaml.safe_load((CONF / "loss" / f"{name}.yaml").read_text())
+        own = inspect.signature(LOSSES[name].__init__).parameters
+        assert node[key] != (own[key] if key in own else CE_PARAMETERS[key]).default, (name, key)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -718,6 +799,10 @@ def test_experiment_presets(compose, tmp_path, experiment, key, value):
 # ---- scripts -----------------------------------------------------------------------------------------------
 
 
+def rows_name(row):
+    return row.split(" + ")[0]
+
+
 def test_bench_quick_prints_a_row_per_loss(tmp_path):
     result = run_script("bench_losses.py", "--quick", cwd=tmp_path, timeout=120)
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
@@ -725,7 +810,7 @@ def test_bench_quick_prints_a_row_per_loss(tmp_path):
     assert set(LOSSES) | {"cross_entropy + z_loss=1e-4"} == set(rows)
     for name, line in rows.items():
         ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x \[\d+\.\d+\] \(", line)]
-        expected = 2 if name == "generalized_ce" else 4  # GCE: class indices only
+        expected = 4 if LOSSES[rows_name(name)].supports_soft_targets else 2  # GCE, LDAM: class indices only
         assert len(ratios) == expected and all(r > 0 for r in ratios), line  # values are for the README, not tests
     assert rows["generalized_ce"].count("n/a (indices only)") == 2
 
@@ -821,8 +906,8 @@ def test_an_ignore_index_inside_the_class_range_drops_exactly_its_rows(name, opt
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(40, 4, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.arange(40) % 4  # every class, class 2 ignored
-    if name == "generalized_ce" and "label_smoothing" in options:
-        pytest.skip("generalised CE takes class indices only, without smoothing")
+    if not LOSSES[name].supports_soft_targets and "label_smoothing" in options:
+        pytest.skip(f"{name} takes class indices only, without smoothing")
     ignored = LOSSES[name](ignore_index=2, reduction=reduction, **options)
     kept = LOSSES[name](ignore_index=-100, reduction=reduction, **options)
     for loss in (ignored, kept):

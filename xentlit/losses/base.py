@@ -36,7 +36,7 @@ from xentlit.losses.checks import check_number
 from xentlit.losses.validation import check_class_indices, check_shapes, raise_value_error, soft_target_tolerance
 from xentlit.losses.weights import ClassWeightedLoss
 
-__all__ = ["REDUCTIONS", "CrossEntropyLoss", "class_view"]
+__all__ = ["REDUCTIONS", "CrossEntropyLoss", "class_view", "expectation", "gather_class", "row_weight", "safe_mean"]
 
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 _REDUCTION_SUM = 2  # at::Reduction::Sum, for torch.ops.aten.nll_loss_forward
@@ -52,6 +52,16 @@ def class_view(vec: Tensor, like: Tensor) -> Tensor:
 def gather_class(values: Tensor, index: Tensor) -> Tensor:
     """``values[i, index[i]]`` for (N, C[, d1, ...]) values and (N[, d1, ...]) class indices."""
     return values.gather(1, index.unsqueeze(1)).squeeze(1)
+
+
+def expectation(per_class: Tensor, target: Tensor, factor: Tensor | None = None) -> Tensor:
+    """A per-class quantity (N, C[, ...]) taken over the target: ``factor_y v_y`` for class indices y,
+    ``sum_c factor_c t_c v_c`` for probabilities t (no factor: 1)."""
+    if target.is_floating_point():
+        weighted = target * per_class
+        return (weighted if factor is None else weighted * class_view(factor, weighted)).sum(dim=1)
+    rows = gather_class(per_class, target)
+    return rows if factor is None else rows * factor.take(target)
 
 
 def row_weight(target: Tensor, weight: Tensor | None) -> Tensor | None:
@@ -91,6 +101,8 @@ class CrossEntropyLoss(ClassWeightedLoss):
         z_loss: coefficient of the z-loss (PaLM, Chowdhery et al. 2022), >= 0. Each row adds
             ``z_loss * logsumexp(logits)**2`` times its class weight (``w[y]``, ``sum_c w_c t_c`` for
             probabilities), nothing for ignored rows, so under "mean" it shares the loss's denominator.
+        reweight_from_epoch: apply the class weights from this epoch on, unweighted before (deferred
+            re-weighting, Cao et al. 2019); 0: from the start.
         compile: run the loss computation through `torch.compile` (validation stays eager). Pays off for the
             variants on large batches once compiled (see the README's table); no double backward then.
 
@@ -121,8 +133,9 @@ class CrossEntropyLoss(ClassWeightedLoss):
         validate: bool = True,
         z_loss: float = 0.0,
         compile: bool = False,
+        reweight_from_epoch: int = 0,
     ) -> None:
-        super().__init__(class_weights, beta)
+        super().__init__(class_weights, beta, reweight_from_epoch)
         if not isinstance(reduction, str) or reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         smoothing = check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
@@ -176,9 +189,8 @@ class CrossEntropyLoss(ClassWeightedLoss):
         if weight is not None:
             factor = weight if factor is None else factor * weight
         if target.is_floating_point():
-            per_class = target * self.class_loss(log_probs)
-            rows = (per_class if factor is None else per_class * class_view(factor, per_class)).sum(dim=1)
-        else:
+            rows = expectation(self.class_loss(log_probs), target, factor)
+        else:  # (the loss of the target class only)
             rows = self.class_loss(gather_class(log_probs, target))
             rows = rows if factor is None else rows * factor.take(target)
         extra = self.row_loss(log_probs, target)

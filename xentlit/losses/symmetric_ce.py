@@ -12,6 +12,14 @@ from xentlit.losses.base import CrossEntropyLoss, gather_class
 from xentlit.losses.checks import check_number
 
 
+def reverse_cross_entropy(log_probs: Tensor, target: Tensor, log_zero: float) -> Tensor:
+    """``RCE = -sum_c p_c log q_c`` of the prediction p against the label distribution q, ``log 0 := log_zero``:
+    ``-log_zero (1 - p_y)`` for class indices y (``1 - p_y = -expm1(log p_y)``)."""
+    if target.is_floating_point():
+        return -(torch.exp(log_probs) * target.clamp_min(math.exp(log_zero)).log()).sum(dim=1)
+    return log_zero * torch.expm1(gather_class(log_probs, target))
+
+
 class SymmetricCrossEntropyLoss(CrossEntropyLoss):
     """``sce_alpha * CE + sce_beta * RCE``, with the reverse cross-entropy ``RCE = -sum_c p_c log q_c`` of the
     prediction p against the label distribution q, where ``log 0`` is replaced by ``log_zero`` (the paper's A):
@@ -42,12 +50,7 @@ class SymmetricCrossEntropyLoss(CrossEntropyLoss):
     def row_loss(self, log_probs: Tensor, target: Tensor) -> Tensor | None:
         if self.sce_beta == 0.0:
             return None
-        if target.is_floating_point():  # -sum_c p_c log max(q_c, e^A)
-            log_q = target.clamp_min(math.exp(self.log_zero)).log()
-            rce = -(torch.exp(log_probs) * log_q).sum(dim=1)
-        else:  # one-hot q: -A (1 - p_y), with 1 - p_y = -expm1(log p_y)
-            rce = self.log_zero * torch.expm1(gather_class(log_probs, target))
-        return self.sce_beta * rce
+        return self.sce_beta * reverse_cross_entropy(log_probs, target, self.log_zero)
 
     def _knobs(self) -> dict[str, Any]:
         return {"sce_alpha": self.sce_alpha, "sce_beta": self.sce_beta, "log_zero": self.log_zero}

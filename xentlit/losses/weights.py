@@ -65,6 +65,9 @@ class ClassWeightedLoss(nn.Module):
         class_weights: None; explicit per-class weights (1-D, finite, non-negative, not all zero); or a strategy
             from `WEIGHT_STRATEGIES`, computed when `set_class_counts` gets the class counts.
         beta: the "effective_number" strategy's beta, in [0, 1).
+        reweight_from_epoch: apply the class weights from this epoch on (`set_epoch`), unweighted before:
+            deferred re-weighting (Cao et al. 2019, "DRW"), which learns features on the natural distribution
+            first. 0 (default): from the start.
     """
 
     weight: Tensor | None
@@ -73,9 +76,14 @@ class ClassWeightedLoss(nn.Module):
     # (weak reference, version) of the weights that last passed a loss's validation.
     _checked_weight: tuple[Any, int] | None = None
 
-    def __init__(self, class_weights: None | Sequence[float] | Tensor | str = None, beta: float = 0.999) -> None:
+    def __init__(self, class_weights: None | Sequence[float] | Tensor | str = None, beta: float = 0.999,
+                 reweight_from_epoch: int = 0) -> None:
         super().__init__()
         self.beta: float = check_beta(beta)
+        if isinstance(reweight_from_epoch, bool) or not isinstance(reweight_from_epoch, int) or reweight_from_epoch < 0:
+            raise ValueError(f"reweight_from_epoch must be an integer >= 0, got {reweight_from_epoch!r}")
+        self.reweight_from_epoch: int = reweight_from_epoch
+        self.epoch: int = 0
         self.weight_strategy: str | None = None
         weight: Tensor | None = None
         if isinstance(class_weights, str):
@@ -139,6 +147,11 @@ class ClassWeightedLoss(nn.Module):
                 setattr(self, name, before.to(device=after.device))
         return self
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss the training epoch (the LightningModule does, at each epoch start), for
+        ``reweight_from_epoch``."""
+        self.epoch = int(epoch)
+
     def _resolve_weight(self) -> Tensor | None:
         if self.needs_class_counts:
             raise RuntimeError(
@@ -146,7 +159,7 @@ class ClassWeightedLoss(nn.Module):
                 "set_class_counts(counts) with the per-class number of labelled training rows (or use a "
                 "datamodule that exposes class counts)"
             )
-        return self.weight
+        return None if self.epoch < self.reweight_from_epoch else self.weight
 
     def _weight_known_good(self, weight: Tensor | None) -> bool:
         """Whether these very weights (same tensor, unmodified since: its version counter) passed validation."""
@@ -158,7 +171,8 @@ class ClassWeightedLoss(nn.Module):
         if self.weight_strategy is not None:
             state = "pending" if self.needs_class_counts else f"{self.weight.numel()} classes"
             text = f"class_weights={self.weight_strategy!r} ({state})"
-            return text + (f", beta={self.beta}" if self.weight_strategy == "effective_number" else "")
+            text += f", beta={self.beta}" if self.weight_strategy == "effective_number" else ""
+            return text + (f", reweight_from_epoch={self.reweight_from_epoch}" if self.reweight_from_epoch else "")
         if self.weight is None:
             return "class_weights=None"
         if self.weight.numel() <= 8:
