@@ -113,3 +113,20 @@ def test_a_fitted_calibrator_round_trips_through_a_plain_state_dict(method):
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(fresh(z), fitted(z), rtol=0, atol=0)
     assert fresh.fitted and not torch.equal(fresh(z), z)
+
+
+def test_a_checkpoint_from_before_calibration_loads_unfitted_and_casts_keep_float64():
+    from xentlit import MLP, XentModule
+
+    old = XentModule(MLP(4, 3, hidden_sizes=[8]))
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("calibrator.")}
+    fresh = XentModule(MLP(4, 3, hidden_sizes=[8]), calibration="temperature")
+    fresh.load_state_dict(state)  # strict: the calibrator's keys may be missing
+    assert not fresh.calibrator.fitted and float(fresh.calibrator.temperature) == 1.0
+    z, y = sampled(n=500, c=3, seed=5)
+    fresh.calibrator.fit(z * 2, y)
+    fresh.to(torch.bfloat16)
+    assert fresh.calibrator.temperature.dtype == torch.float64
+    again = XentModule(MLP(4, 3, hidden_sizes=[8]), calibration="temperature")
+    again.load_state_dict(fresh.state_dict())
+    assert again.calibrator.fitted and float(again.calibrator.temperature) == float(fresh.calibrator.temperature)

@@ -140,13 +140,27 @@ class Calibrator(nn.Module):
             return logits * scale + self.bias.to(device=logits.device, dtype=logits.dtype)
         return logits
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        if prefix + "temperature" not in state_dict:  # a checkpoint from before calibration: stays unfitted
+            return
         for name in ("scale", "bias"):  # fitted vectors replace the empty placeholders
             incoming = state_dict.get(prefix + name)
             if isinstance(incoming, Tensor) and incoming.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(incoming, dtype=torch.float64))
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
-        self.fitted = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.fitted = self.method != "none" and (self.method != "vector" or self.scale.numel() > 0)
+
+    def _apply(self, fn: object, recurse: bool = True) -> Calibrator:
+        # Module casts (.half(), Lightning's "bf16-true") move the fitted parameters but keep them float64.
+        before = {name: getattr(self, name) for name in ("temperature", "scale", "bias")}
+        super()._apply(fn, recurse)  # type: ignore[arg-type]
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return self
 
     def extra_repr(self) -> str:
         if self.method == "temperature":

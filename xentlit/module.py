@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
 
 from xentlit import execution
+from xentlit.calibration import Calibrator
 from xentlit.checkpointing import check_checkpoint_fits, restore_rng_state, rng_state
 from xentlit.execution import AUTO_STEPS_PER_EXECUTION, groups_batches
 from xentlit.losses import CrossEntropyLoss
@@ -54,6 +55,9 @@ class XentModule(LightningModule):
         steps_per_execution: optimiser steps per Lightning step, as Keras' ``steps_per_execution``; the same
             trained model with less of Lightning's per-step overhead. ``"auto"`` (default) uses 8 where that
             changes nothing else, otherwise 1; see :mod:`xentlit.execution`.
+        calibration: the post-hoc calibration the ``calibrator`` submodule holds (``"none"``, ``"temperature"``,
+            ``"vector"``; see :mod:`xentlit.calibration`): fitted after training on the validation split, stored
+            with the weights, applied by ``eval`` and ``predict`` to the probabilities. ``forward`` stays raw.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class XentModule(LightningModule):
         ece_bins: int = 15,
         compile: bool = False,
         steps_per_execution: int | str = "auto",
+        calibration: str = "none",
     ) -> None:
         super().__init__()
         execution.check_steps_per_execution(steps_per_execution, scheduler)
@@ -88,6 +93,7 @@ class XentModule(LightningModule):
         # Plain cross-entropy of the predictions (no class weights, smoothing or loss variant): the validation
         # score that model selection can trust whatever the training loss rewards.
         self.val_nll, self.test_nll = WeightedMean(), WeightedMean()
+        self.calibrator = Calibrator(calibration)  # fitted after training (xentlit.posthoc); forward stays raw
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best so far
         # Not a buffer: DDP would broadcast rank 0's value over every rank's own running sum.
@@ -291,6 +297,11 @@ class XentModule(LightningModule):
         # over identical values changes no bit, and tells Lightning they are synced (no per-metric warning).
         self.log_dict(values, prog_bar=stage != "test", sync_dist=True, reduce_fx="max")
         return values
+
+    def on_train_epoch_start(self) -> None:
+        set_epoch = getattr(self.loss, "set_epoch", None)  # (deferred re-weighting: loss.reweight_from_epoch)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         self.log_epoch_metrics("train")
