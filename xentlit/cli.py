@@ -6,18 +6,17 @@ LightningModule, callbacks, loggers and a Trainer; then fit, then test of the be
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
+import inspect
 import json
 import math
 import os
-import shutil
+import re
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from xentlit.atomic import atomic_path, write_atomic
 from xentlit.checkpointing import AtomicCheckpointIO
+from xentlit.commands import command_line
+from xentlit.console import ModelSummary, say, show_table
 from xentlit.plain import to_plain
 from xentlit.trust import check_no_interpolation, check_targets
 
@@ -45,6 +46,16 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
     return [instantiate(entry) for entry in node.values() if entry is not None and "_target_" in entry]
+
+
+# The networks whose options the shipped model configs hold.
+_OWN_NETWORKS = ("xentlit.MLP", "xentlit.nets.MLP")
+
+
+def _mlp_options() -> set[str]:
+    from xentlit.nets import MLP
+
+    return set(inspect.signature(MLP).parameters)
 
 
 def build_module(
@@ -69,6 +80,16 @@ def build_module(
                 "that many input columns hold integer codes, 0 = missing or unseen; xentlit.MLP embeds them), or "
                 "make the columns numeric with data.numeric_columns / drop them with data.drop_columns"
             ) from None
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        options = sorted(k for k in cfg.model if k != "_target_")
+        if (unexpected and unexpected.group(1) in options and set(options) <= _mlp_options()
+                and cfg.model.get("_target_") not in _OWN_NETWORKS):
+            raise ValueError(
+                f"model._target_={cfg.model._target_} does not take `{unexpected.group(1)}`: it kept model=mlp's "
+                f"options {options}. Give your network its own option file: "
+                "<your config dir>/model/<name>.yaml holding `_target_:` and its own arguments, then run with "
+                "--config-dir <your config dir> model=<name> (README: Your own configs and networks)"
+            ) from None
         raise
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate(
@@ -86,11 +107,18 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Callback, ...] = ()) -
     if cfg.get("monitor") is not None and "auto" in (cfg.monitor.metric, cfg.monitor.mode):
         resolve_monitor(cfg, instantiate(cfg.loss) if cfg.get("loss") else None)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), *extra_callbacks]
+    extra: dict[str, Any] = {}
+    trainer_cfg = cfg.get("trainer") or {}
+    if trainer_cfg.get("enable_model_summary") is not False and not any(
+            isinstance(c, pl.callbacks.ModelSummary) for c in callbacks):
+        # Lightning's summary without its "Total FLOPs: 0" (xentlit.console); Lightning adds no second one
+        callbacks.append(ModelSummary())
+        extra["enable_model_summary"] = False
     loggers = _instantiate_group(cfg.get("logger"))
     # checkpoints written atomically in their own directory (see xentlit.checkpointing)
     plugins = cfg.trainer.get("plugins") if cfg.get("trainer") is not None else None
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       plugins=plugins if plugins is not None else [AtomicCheckpointIO()])
+                       plugins=plugins if plugins is not None else [AtomicCheckpointIO()], **extra)
 
 
 # Metrics where larger is better (their mode is max); every other monitored metric is minimised.
@@ -188,129 +216,6 @@ def _stored_config(checkpoint: dict[str, Any], cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(built)
 
 
-def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[[], Any]:
-    """The ``main`` of a script in ``scripts/``: registers the schemas, composes ``conf/<config_name>.yaml``
-    (Hydra overrides and ``-m`` sweeps from the command line) and calls ``run`` with the config."""
-    import hydra
-
-    from xentlit.config import register_configs
-
-    register_configs()
-    _use_one_run_dir_per_job()
-    _quiet_known_noise()
-    config_dir = Path(sys.modules["__main__"].__file__ or ".").resolve().parents[1] / "conf"
-    main = hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(run)
-
-    def entry() -> Any:
-        sys.argv = _argv_for_external_rank(_argv_for_resume(sys.argv))
-        return main()
-
-    return entry
-
-
-def _quiet_known_noise() -> None:
-    """Silence messages every run would otherwise print, none actionable by the user:
-
-    - Lightning 2.6 builds pytree specs with ``LeafSpec()``, which torch 2.13 deprecates (Lightning's code,
-      harmless; it goes away with a Lightning release that follows torch);
-    - Lightning's advertisement for its hosted logger, printed at every ``Trainer`` start.
-    """
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    # Lightning's own all_gather (used under DDP) calls a torch function that torch 2.13 deprecates: not the user's
-    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
-
-    class _DropTip(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("💡 Tip")
-
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTip())
-
-
-# Options that choose where a run writes files.
-_OUTPUT_KEYS = ("dirpath", "save_dir", "default_root_dir", "output_dir", "log_dir", "root_dir", "paths")
-
-
-def _argv_for_resume(argv: list[str]) -> list[str]:
-    """``resume=<run dir>`` continues that run in its own directory with its own overrides.
-
-    The run's recorded overrides (``.hydra/overrides.yaml``) come first, so the config is the same; any
-    override given now (e.g. a larger ``trainer.max_epochs``) comes after them and wins.
-    """
-    given = [arg for arg in argv[1:] if arg.startswith("resume=")]
-    if not given:
-        return argv
-    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
-    recorded = run_dir / ".hydra" / "overrides.yaml"
-    if not recorded.is_file():
-        raise SystemExit(f"resume={run_dir}: not a run directory of xentlit (no {recorded})")
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(recorded))
-    except Exception as err:
-        raise SystemExit(f"resume={run_dir}: {recorded} is not a YAML list of overrides ({err})") from None
-    if not isinstance(loaded, list) or not all(isinstance(o, str) for o in loaded):
-        raise SystemExit(f"resume={run_dir}: {recorded} is not a YAML list of overrides")
-    previous = [o for o in loaded if not o.startswith(("resume=", "hydra."))]
-    for override in previous:  # where a run writes is this directory: a recorded override cannot move it
-        if "$" in override:  # an interpolation (even escaped) can build nodes no check sees: oc.create
-            raise SystemExit(f"resume={run_dir}: its recorded override {override!r} holds an interpolation, "
-                             "which a resumed run does not take from a file. Nothing was run")
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith(("paths.", "paths=", "trust_targets")) or key.rsplit(".", 1)[-1] in _OUTPUT_KEYS:
-            raise SystemExit(f"resume={run_dir}: its recorded override {override!r} sets where the run writes or "
-                             "what it trusts; a resumed run writes only into its own directory. Nothing was run")
-    now = [arg for arg in argv[1:] if not arg.startswith("resume=")]
-    return [argv[0], *previous, *now, f"resume={run_dir.resolve()}", f"hydra.run.dir={run_dir.resolve()}"]
-
-
-def _argv_for_external_rank(argv: list[str]) -> list[str]:
-    """Under ``torchrun`` every rank runs the script: only global rank 0 gets a run directory.
-
-    The other ranks write nothing of their own (loggers, checkpoints and metrics are rank-0-only and
-    checkpoint paths are broadcast from rank 0), so Hydra is pointed at a scratch folder for them.
-    """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0":
-        return argv
-    scratch = tempfile.mkdtemp(prefix=f"xentlit-rank{os.environ['RANK']}-")
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    return [*argv, f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
-
-
-def _job_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
-    """Command for Lightning's DDP child processes: this one job again, in this job's own directory.
-
-    Lightning's default re-runs the whole command line, so a ``-m`` sweep would start a second sweep
-    in every child, with per-rank run folders; re-running just this job's overrides keeps one run
-    directory per job, in single runs and sweeps alike.
-    """
-    import __main__
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd
-
-    hydra_cfg = HydraConfig.get()
-    if __main__.__spec__ is None:
-        command = [sys.executable, os.path.abspath(sys.argv[0])]
-    else:
-        command = [sys.executable, "-m", __main__.__spec__.name]
-    command += list(hydra_cfg.overrides.task)
-    command += [
-        f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"',
-        "hydra.output_subdir=null",
-        f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
-    ]
-    return command, get_original_cwd()
-
-
-def _use_one_run_dir_per_job() -> None:
-    from lightning.pytorch.strategies.launchers import subprocess_script
-
-    if not hasattr(subprocess_script, "_hydra_subprocess_cmd"):
-        raise RuntimeError("this Lightning version launches DDP children differently; xentlit needs an update")
-    subprocess_script._hydra_subprocess_cmd = _job_subprocess_cmd
-
-
 # What Lightning's DDP launcher writes into the launching process's environment.
 _LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -358,7 +263,7 @@ def train(cfg: DictConfig) -> float | None:
             run_dir = _configured_run_dir(cfg)
             where = getattr(err, "filename", None) or run_dir
             raise SystemExit(f"xentlit: no space left on the device writing {where}; the checkpoints written before are "
-                             f"intact. Free space, then continue with: python scripts/train.py resume={run_dir}") from None
+                             f"intact. Free space, then continue with: {command_line('train.py')} resume={run_dir}") from None
 
 
 # Exit statuses of a run that did not complete (a failed run exits 1, with its error).
@@ -383,7 +288,7 @@ def _train(cfg: DictConfig) -> float | None:
         if cfg.train:
             _fit(cfg, trainer, module, datamodule, run_dir, started)
         status = "diverged" if _diverged(trainer) else "completed"
-        fit_metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        fit_metrics = _metric_values(trainer.callback_metrics)
         if cfg.train and not any(name.startswith("val/") for name in fit_metrics):
             fit_metrics.update(_final_validation(trainer, module, datamodule))
         test_metrics: dict[str, float] = {}
@@ -392,7 +297,7 @@ def _train(cfg: DictConfig) -> float | None:
             best = checkpoint.best_model_path if checkpoint is not None and cfg.train else ""
             ckpt_path = best or (None if cfg.train else cfg.get("ckpt_path"))
             results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-            test_metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+            test_metrics = _metric_values(results[0] if results else {})
     except KeyboardInterrupt:  # Ctrl-C outside fit (Lightning handles it inside)
         _interrupted(run_dir, started, "SIGINT", EXIT_INTERRUPTED)
         raise  # not reached
@@ -423,11 +328,16 @@ def _train(cfg: DictConfig) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def _metric_values(logged: Any) -> dict[str, float]:
+    """The logged metrics as floats, without the loggers' ``step`` and ``epoch`` columns."""
+    return {name: float(value) for name, value in logged.items() if name not in ("step", "epoch")}
+
+
 def _final_validation(trainer: pl.Trainer, module: Any, datamodule: Any) -> dict[str, float]:
     """Validation metrics of a fit that ran no epoch (a resume of a run killed after its last epoch, e.g. during
     testing): the final weights validated again, and the best accuracy so far from the module's restored state."""
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+    metrics = _metric_values(results[0] if results else {})
     best = getattr(module, "val_acc_best", None)
     if best is not None and "val/acc" in metrics:
         best.update(torch.tensor(metrics["val/acc"]))
@@ -461,7 +371,8 @@ def _fit(cfg: DictConfig, trainer: pl.Trainer, module: Any, datamodule: Any, run
 def _interrupted(run_dir: Path | None, started: float, signal_name: str, code: int) -> None:
     if run_dir is not None:
         _write_status(run_dir, "interrupted", started, error=f"stopped by {signal_name}")
-        rank_zero_info(f"xentlit: run interrupted by {signal_name}. Continue with: python scripts/train.py resume={run_dir}")
+        rank_zero_info(f"xentlit: run interrupted by {signal_name}. Continue with: {command_line('train.py')} "
+                       f"resume={run_dir}")
     raise SystemExit(code) from None
 
 
@@ -550,21 +461,11 @@ def _best_epoch(trainer: pl.Trainer) -> int | None:
 
 @rank_zero_only
 def _write_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """Write ``metrics.json`` in the run directory and print the final table (rank 0 only)."""
+    """Write ``metrics.json`` in the run directory and show the final table (rank 0 only)."""
     write_atomic(run_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="xentlit: final metrics", show_lines=False)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in sorted(summary["metrics"].items()):
-        if name.startswith("test/"):
-            table.add_row(name, f"{value:.4f}")
-    for key, value in summary.items():
-        if key != "metrics":
-            table.add_row(key, str(value))
-    Console().print(table)
+    rows = [(name, f"{value:.4f}") for name, value in sorted(summary["metrics"].items()) if name.startswith("test/")]
+    rows += [(key, str(value)) for key, value in summary.items() if key != "metrics"]
+    show_table("xentlit: final metrics", ("metric", "value"), rows, right_aligned=(1,))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -579,7 +480,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                               getattr(datamodule, "categorical_cardinalities", ()))
         trainer = build_trainer(cfg)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=str(cfg.ckpt_path), verbose=False)
-        metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+        metrics = _metric_values(results[0] if results else {})
         summary = {
             "metrics": metrics,
             "checkpoint": str(Path(cfg.ckpt_path).resolve()),
@@ -628,11 +529,11 @@ def predict(cfg: DictConfig) -> Path:
     output = Path(cfg.output)
     with atomic_path(output) as tmp:
         table.to_csv(tmp, index=False)
-    print(f"wrote {len(table)} predictions to {output}")
+    say(f"wrote {len(table)} predictions to {output}")
     if labels is not None:
         metrics = _label_metrics(labels, logit, class_names, label_column, str(cfg.input))
         write_atomic(output.with_name(output.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
-        print("metrics on the rows with a known label: " + ", ".join(
+        say("metrics on the rows with a known label: " + ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     return output
 
@@ -687,7 +588,7 @@ def _label_metrics(labels: Any, logits: torch.Tensor, class_names: list[str], la
     unknown = keys[(~known) & keys.notna().to_numpy()]
     if len(unknown):
         result["unknown_labels"] = sorted(set(unknown.tolist()))[:10]
-        print(f"{len(unknown)} row(s) of {source} have a {label_column!r} the model does not know "
+        say(f"{len(unknown)} row(s) of {source} have a {label_column!r} the model does not know "
               f"(e.g. {unknown.iloc[0]!r}); metrics leave them out")
     if not known.any():
         return result
@@ -701,3 +602,9 @@ def _label_metrics(labels: Any, logits: torch.Tensor, class_names: list[str], la
         "nll": float(torch.nn.functional.cross_entropy(out.double(), target)),
     })
     return result
+
+
+if __name__ == "__main__":  # `python -m xentlit.cli <command> ...` is `python -m xentlit <command> ...`
+    from xentlit.commands import main
+
+    sys.exit(main())
