@@ -40,10 +40,12 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """``(venv, env)``: a fresh venv holding only the wheel, and an environment without the source tree."""
     work = tmp_path_factory.mktemp("install")
     source = work / "source"
+    source.mkdir()
     for name in _PROJECT_FILES:  # a copy: building in place would leave build/ and *.egg-info in the clone
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                            if (ROOT / name).is_dir() else {}))
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "XENTLIT_CONFIG_DIR")}
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
           "-w", str(work / "dist"), str(source)], cwd=work, env=env)

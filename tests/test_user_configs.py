@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -89,8 +90,8 @@ def test_the_config_dir_variable_acts_as_config_dir_which_wins(monkeypatch):
 
 @pytest.mark.slow
 def test_a_user_experiment_trains_the_users_network_and_eval_needs_trust(project, tmp_path):
-    run_script("train.py", "experiment=quick", cwd=tmp_path,
-               env={CONFIG_DIR_ENV: str(project / "myconf"), "PYTHONPATH": str(project)})
+    importable = {"PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
+    run_script("train.py", "experiment=quick", cwd=tmp_path, env={CONFIG_DIR_ENV: str(project / "myconf"), **importable})
     [run] = run_dirs(tmp_path / "outputs")
     config = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert config.model == {"_target_": "mymodels.ResMLP", "width": 24, "blocks": 3}
@@ -105,8 +106,7 @@ def test_a_user_experiment_trains_the_users_network_and_eval_needs_trust(project
     with pytest.raises(UntrustedTargetError, match=r"model._target_ = 'mymodels.ResMLP'.*trust_targets"):
         _stored_config(stored, OmegaConf.create({"ckpt_path": str(checkpoint), "trust_targets": []}))
     best = read_metrics(run)["best_checkpoint"]
-    run_script("eval.py", f"ckpt_path={best}", "trust_targets=[mymodels.*]", cwd=tmp_path,
-               env={"PYTHONPATH": str(project)})
+    run_script("eval.py", f"ckpt_path={best}", "trust_targets=[mymodels.*]", cwd=tmp_path, env=importable)
     [evaluated] = run_dirs(tmp_path / "outputs" / "eval")
     assert read_metrics(evaluated)["metrics"]["test/acc"] == pytest.approx(read_metrics(run)["metrics"]["test/acc"])
 
