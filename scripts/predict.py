@@ -1,6 +1,8 @@
-"""Predict classes for your file: `python scripts/predict.py ckpt_path=<ckpt> input=my.csv [output=preds.csv]`."""
+"""Predict classes for your file: `python scripts/predict.py ckpt_path=<ckpt> input=my.csv [output=preds.csv]`
+(the same as `xentlit predict ...`)."""
 
-from xentlit.cli import hydra_entry, predict
+from xentlit.cli import predict
+from xentlit.entry import hydra_entry
 
 main = hydra_entry(predict, config_name="predict")
 

@@ -89,7 +89,8 @@ def test_multirun_sweep_with_ddp_gives_each_job_its_own_single_run_dir(tmp_path)
     multiruns = list((tmp_path / "outputs" / "train" / "multiruns").iterdir())
     assert len(multiruns) == 1, "the DDP child processes must not start sweeps of their own"
     jobs = sorted(p for p in multiruns[0].iterdir() if p.is_dir())
-    assert [j.name for j in jobs] == ["0", "1"]
+    assert [j.name for j in jobs] == ["0_seed=1,trainer.max_epochs=1,trainer=ddp_cpu",
+                                      "1_seed=2,trainer.max_epochs=1,trainer=ddp_cpu"]
     assert run_dirs(tmp_path / "outputs") == jobs
     seeds = [read_metrics(j) for j in jobs]
     assert all(s["metrics"]["test/acc"] > 0.3 for s in seeds)

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import CONF, read_metrics, run_dirs, run_script
@@ -62,6 +63,16 @@ def test_csv_logger_writes_every_epoch_and_the_resolved_config(logged_run):
     val_loss = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(val_loss) == 2 and all(math.isfinite(v) and v > 0 for v in val_loss)
     assert [r["epoch"] for r in rows if r.get("train/acc")] == ["0", "1"]
+    # one meaning of `step` in every row (train, val, the doctor's): optimiser steps taken, as the checkpoint counts
+    # them, though a Lightning step runs several of them here (steps_per_execution=auto)
+    by_epoch = {}
+    for r in rows:
+        if not r.get("test/acc"):
+            by_epoch.setdefault(r["epoch"], set()).add(int(r["step"]))
+    assert sorted(by_epoch) == ["0", "1"] and all(len(steps) == 1 for steps in by_epoch.values()), by_epoch
+    [first], [last] = by_epoch["0"], by_epoch["1"]
+    assert last == 2 * first == torch.load(logged_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert first > 8  # optimiser steps, not Lightning steps (groups of 8 batches)
     [test_acc] = [float(r["test/acc"]) for r in rows if r.get("test/acc")]
     assert test_acc == pytest.approx(read_metrics(logged_run)["metrics"]["test/acc"])
     _assert_logged_once(yaml.safe_load((logged_run / "csv" / "hparams.yaml").read_text()), logged_run)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
@@ -27,6 +26,19 @@ def test_default_run_reaches_95_percent_on_digits(tmp_path):
     # no warning spam on the default run
     output = result.stdout + result.stderr
     assert "Warning" not in output and "warn(" not in output and "💡" not in output, output[-3000:]
+    # nor noise: FLOPs that were never measured, a logging interval longer than the epoch, Lightning's note that
+    # xentlit brings its own model summary, "INFO:" twice over
+    for noise in ("FLOPs", "Flops", "logging interval", "model summary callbacks", "INFO:"):
+        assert noise not in output, (noise, output[-3000:])
+    # stdout is not a terminal here: plain lines, no table frames, nothing cut short
+    assert not any(c in result.stdout for c in "┏┃│…"), result.stdout[-3000:]
+    assert f"best_checkpoint    {summary['best_checkpoint']}" in result.stdout
+    # the run's log is in the run directory: Lightning's messages, the model summary, the doctor, the final table
+    log = (run / "train.log").read_text()
+    for line in ("GPU available", "Model summary", "ConvergenceDoctor: no problems found", "xentlit: final metrics",
+                 f"best_checkpoint    {summary['best_checkpoint']}", f"xentlit: run completed ({run})"):
+        assert line in log, (line, log[-3000:])
+    assert log.count("xentlit: final metrics") == 1
     assert sorted(p.name for p in (run / "plots").iterdir()) == [
         "confusion_matrix.png", "curves.png", "per_class.png", "reliability.png"]
 
@@ -61,7 +73,29 @@ def test_multirun_sweep_gives_one_run_dir_per_job(tmp_path):
         config = yaml.safe_load((r / ".hydra" / "config.yaml").read_text())
         jobs.add((config["loss"]["label_smoothing"], config["seed"]))
         assert read_metrics(r)["metrics"]["test/acc"] > 0.3  # far above chance (0.1) after one epoch
+        # the job directory is named by its number and overrides
+        assert r.name.split("_", 1)[1] == (f"loss.label_smoothing={config['loss']['label_smoothing']:g},"
+                                           f"seed={config['seed']},trainer.max_epochs=1")
     assert jobs == {(0.0, 1), (0.0, 2), (0.2, 1), (0.2, 2)}
+    assert sorted(r.name.split("_")[0] for r in runs) == ["0", "1", "2", "3"]
+
+    # the sweep's summary: one row per job, its overrides and its final metrics, beside the jobs
+    sweep = runs[0].parent
+    import pandas as pd
+
+    table = pd.read_csv(sweep / "summary.csv")
+    assert list(table["job"]) == sorted((r.name for r in runs), key=lambda name: int(name.split("_")[0]))
+    for row in table.itertuples():
+        metrics = read_metrics(sweep / row.job)["metrics"]
+        assert row.status == "completed"
+        assert table.loc[row.Index, "test/acc"] == pytest.approx(metrics["test/acc"])
+        assert table.loc[row.Index, "val/acc_best"] == pytest.approx(metrics["val/acc_best"])
+        assert f"seed={table.loc[row.Index, 'seed']}" in row.job
+    assert sorted(zip(table["loss.label_smoothing"], table["seed"])) == [(0.0, 1), (0.0, 2), (0.2, 1), (0.2, 2)]
+    markdown = (sweep / "summary.md").read_text()
+    assert "Every job: trainer.max_epochs=1" in markdown and markdown.count("| completed |") == 4
+    best = table.loc[table["val/acc_best"].idxmax(), "job"]
+    assert f"Best by val/acc_best (max): {best}" in markdown
 
 
 def test_ddp_cpu_two_processes_one_run_dir(tmp_path):

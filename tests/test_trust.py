@@ -8,7 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from xentlit.cli import _argv_for_resume, _stored_config
+from xentlit.cli import _stored_config
+from xentlit.entry import _argv_for_resume
 from xentlit.trust import UntrustedTargetError, check_targets
 
 from conftest import run_dirs, run_script

@@ -79,6 +79,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from xentlit.atomic import write_atomic
+from xentlit.console import say
 
 __all__ = ["CODES", "DIAGNOSIS_FILE", "ConvergenceDoctor", "Finding"]
 
@@ -1395,7 +1396,7 @@ class ConvergenceDoctor(Callback):
         if not metrics:
             return
         if trainer.is_global_zero:
-            metrics = {**metrics, "epoch": float(trainer.current_epoch)}
+            metrics = {**metrics, "epoch": trainer.current_epoch}  # an int, as in Lightning's own rows
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -1585,4 +1586,4 @@ class ConvergenceDoctor(Callback):
             text = self.summary()
             if path is not None:
                 text += f"\n  report: {path}"
-            print(text, flush=True)
+            say(text)

@@ -7,9 +7,12 @@ LightningModule, callbacks, loggers and a Trainer; then fit, then test of the be
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import math
+import re
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from xentlit.atomic import atomic_path, write_atomic
 from xentlit.checkpointing import AtomicCheckpointIO
-from xentlit.launch import _argv_for_resume, _distributed_job, _one_tracker_run_per_job, hydra_entry  # noqa: F401
+from xentlit.commands import command_line
+from xentlit.console import ModelSummary, say
+from xentlit.launch import _distributed_job, _one_tracker_run_per_job
 from xentlit.prediction import _label_metrics, _prediction_inputs
 from xentlit.run_checkpoints import (  # noqa: F401
     RUN_INFO_KEY,
@@ -60,6 +65,16 @@ def _instantiate_group(node: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in node.values() if entry is not None and "_target_" in entry]
 
 
+# The networks whose options the shipped model configs hold.
+_OWN_NETWORKS = ("xentlit.MLP", "xentlit.nets.MLP")
+
+
+def _mlp_options() -> set[str]:
+    from xentlit.nets import MLP
+
+    return set(inspect.signature(MLP).parameters)
+
+
 def build_module(
     cfg: DictConfig, num_features: int, num_classes: int, categorical_cardinalities: Sequence[int] = (),
     loss: Any = None,
@@ -82,6 +97,16 @@ def build_module(
                 "that many input columns hold integer codes, 0 = missing or unseen; xentlit.MLP embeds them), or "
                 "make the columns numeric with data.numeric_columns / drop them with data.drop_columns"
             ) from None
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        options = sorted(k for k in cfg.model if k != "_target_")
+        if (unexpected and unexpected.group(1) in options and set(options) <= _mlp_options()
+                and cfg.model.get("_target_") not in _OWN_NETWORKS):
+            raise ValueError(
+                f"model._target_={cfg.model._target_} does not take `{unexpected.group(1)}`: it kept model=mlp's "
+                f"options {options}. Give your network its own option file: "
+                "<your config dir>/model/<name>.yaml holding `_target_:` and its own arguments, then run with "
+                "--config-dir <your config dir> model=<name> (README: Your own configs and networks)"
+            ) from None
         raise
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate(
@@ -99,11 +124,18 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple[Callback, ...] = ()) -
     if cfg.get("monitor") is not None and "auto" in (cfg.monitor.metric, cfg.monitor.mode):
         resolve_monitor(cfg, instantiate(cfg.loss) if cfg.get("loss") else None)
     callbacks = [*_instantiate_group(cfg.get("callbacks")), *extra_callbacks]
+    extra: dict[str, Any] = {}
+    trainer_cfg = cfg.get("trainer") or {}
+    if trainer_cfg.get("enable_model_summary") is not False and not any(
+            isinstance(c, pl.callbacks.ModelSummary) for c in callbacks):
+        # Lightning's summary without its "Total FLOPs: 0" (xentlit.console); Lightning adds no second one
+        callbacks.append(ModelSummary())
+        extra["enable_model_summary"] = False
     loggers = _instantiate_group(cfg.get("logger"))
     # checkpoints written atomically in their own directory (see xentlit.checkpointing)
     plugins = cfg.trainer.get("plugins") if cfg.get("trainer") is not None else None
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       plugins=plugins if plugins is not None else [AtomicCheckpointIO()])
+                       plugins=plugins if plugins is not None else [AtomicCheckpointIO()], **extra)
 
 
 # Metrics where larger is better (their mode is max); every other monitored metric is minimised.
@@ -145,7 +177,7 @@ def train(cfg: DictConfig) -> float | None:
             run_dir = _configured_run_dir(cfg)
             where = getattr(err, "filename", None) or run_dir
             raise SystemExit(f"xentlit: no space left on the device writing {where}; the checkpoints written before are "
-                             f"intact. Free space, then continue with: python scripts/train.py resume={run_dir}") from None
+                             f"intact. Free space, then continue with: {command_line('train.py')} resume={run_dir}") from None
 
 
 def _train(cfg: DictConfig) -> float | None:
@@ -165,7 +197,7 @@ def _train(cfg: DictConfig) -> float | None:
         if cfg.train:
             _fit(cfg, trainer, module, datamodule, run_dir, started)
         status = "diverged" if _diverged(trainer) else "completed"
-        fit_metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        fit_metrics = _metric_values(trainer.callback_metrics)
         if cfg.train and not any(name.startswith("val/") for name in fit_metrics):
             fit_metrics.update(_final_validation(trainer, module, datamodule))
         test_metrics: dict[str, float] = {}
@@ -174,7 +206,7 @@ def _train(cfg: DictConfig) -> float | None:
             best = checkpoint.best_model_path if checkpoint is not None and cfg.train else ""
             ckpt_path = best or (None if cfg.train else cfg.get("ckpt_path"))
             results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
-            test_metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+            test_metrics = _metric_values(results[0] if results else {})
     except KeyboardInterrupt:  # Ctrl-C outside fit (Lightning handles it inside)
         _interrupted(run_dir, started, "SIGINT", EXIT_INTERRUPTED)
         raise  # not reached
@@ -205,11 +237,16 @@ def _train(cfg: DictConfig) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def _metric_values(logged: Any) -> dict[str, float]:
+    """The logged metrics as floats, without the loggers' ``step`` and ``epoch`` columns."""
+    return {name: float(value) for name, value in logged.items() if name not in ("step", "epoch")}
+
+
 def _final_validation(trainer: pl.Trainer, module: Any, datamodule: Any) -> dict[str, float]:
     """Validation metrics of a fit that ran no epoch (a resume of a run killed after its last epoch, e.g. during
     testing): the final weights validated again, and the best accuracy so far from the module's restored state."""
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+    metrics = _metric_values(results[0] if results else {})
     best = getattr(module, "val_acc_best", None)
     if best is not None and "val/acc" in metrics:
         best.update(torch.tensor(metrics["val/acc"]))
@@ -244,7 +281,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                               getattr(datamodule, "categorical_cardinalities", ()))
         trainer = build_trainer(cfg)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=str(cfg.ckpt_path), verbose=False)
-        metrics = {name: float(value) for name, value in (results[0] if results else {}).items()}
+        metrics = _metric_values(results[0] if results else {})
         summary = {
             "metrics": metrics,
             "checkpoint": str(Path(cfg.ckpt_path).resolve()),
@@ -293,12 +330,16 @@ def predict(cfg: DictConfig) -> Path:
     output = Path(cfg.output)
     with atomic_path(output) as tmp:
         table.to_csv(tmp, index=False)
-    print(f"wrote {len(table)} predictions to {output}")
+    say(f"wrote {len(table)} predictions to {output}")
     if labels is not None:
         metrics = _label_metrics(labels, logit, class_names, label_column, str(cfg.input))
         write_atomic(output.with_name(output.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
-        print("metrics on the rows with a known label: " + ", ".join(
+        say("metrics on the rows with a known label: " + ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     return output
 
 
+if __name__ == "__main__":  # `python -m xentlit.cli <command> ...` is `python -m xentlit <command> ...`
+    from xentlit.commands import main
+
+    sys.exit(main())

@@ -122,6 +122,7 @@ class TrainConfig:
     resume: str | None = None
     optimized_metric: str = "val/acc_best"
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    threads: Optional[int] = 1
     trust_targets: list[str] = field(default_factory=list)
 
 
@@ -136,6 +137,7 @@ class EvalConfig:
     task_name: str = "eval"
     ckpt_path: str = MISSING
     seed: int = 42
+    threads: Optional[int] = 1
     trust_targets: list[str] = field(default_factory=list)
 
 
@@ -150,6 +152,7 @@ class PredictConfig:
     output: str = MISSING
     batch_size: int = 4096
     device: str = "cpu"
+    threads: Optional[int] = 1
     trust_targets: list[str] = field(default_factory=list)
 
 
@@ -218,3 +221,7 @@ def register_configs() -> None:
             store.store(group=f"schema/{group}", name=name, node=node, package="_here_")
     if not OmegaConf.has_resolver("xentlit.run_id"):
         OmegaConf.register_new_resolver("xentlit.run_id", _run_id, use_cache=True)
+    if not OmegaConf.has_resolver("xentlit.job_dirname"):
+        from xentlit.sweeps import job_dirname
+
+        OmegaConf.register_new_resolver("xentlit.job_dirname", job_dirname)

@@ -33,6 +33,13 @@ class CSVLogger(loggers.CSVLogger):
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Lightning's row, with a whole-number ``epoch`` written as an integer (logged values arrive as floats)."""
+        epoch = metrics.get("epoch")
+        if isinstance(epoch, float) and epoch.is_integer():
+            metrics = {**metrics, "epoch": int(epoch)}
+        super().log_metrics(metrics, step)
+
     def forget_after_epoch(self, epoch: int) -> None:
         """Drop the rows a killed run logged after the checkpoint it resumes from (epoch > ``epoch``), and a last row
         cut short by the kill, so the resumed run's rows are not duplicated. Rewritten atomically."""

@@ -103,6 +103,7 @@ class XentModule(LightningModule):
         # rows per optimiser step and whether a short last slice is dropped, when the datamodule groups batches
         self._slice_rows: tuple[int, bool] | None = None
         self._direct_backward = False  # see _setup_execution
+        self._log_every_n_steps: int | None = None  # the trainer's own interval, while a fit rescales it
         self.step_loss: Tensor | None = None  # the current optimiser step's mean loss, inside executions
         if compile:
             self.net.compile()
@@ -171,10 +172,16 @@ class XentModule(LightningModule):
             datamodule.steps_per_execution = steps
             if steps > 1:
                 self._slice_rows = (int(datamodule.batch_size), bool(datamodule.drop_last))
+        if steps > 1 and self._log_every_n_steps is None:
+            # Trainer(log_every_n_steps) counts optimiser steps; a Lightning step runs `steps` of them
+            self._log_every_n_steps = trainer.log_every_n_steps
+            trainer.log_every_n_steps = max(1, -(-trainer.log_every_n_steps // steps))
         if self.hparams.steps_per_execution == "auto" and self._execution is not None:
             rank_zero_info(execution.describe_auto(steps, why=self._execution[3]))
 
     def teardown(self, stage: str) -> None:
+        if stage == "fit" and self._log_every_n_steps is not None and self._trainer is not None:
+            self._trainer.log_every_n_steps, self._log_every_n_steps = self._log_every_n_steps, None
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and groups_batches(datamodule):
             datamodule.steps_per_execution = 1  # its loaders serve single batches again outside this fit
@@ -296,6 +303,11 @@ class XentModule(LightningModule):
         # The values are global already (torchmetrics synced them across ranks in compute()); sync_dist with max
         # over identical values changes no bit, and tells Lightning they are synced (no per-metric warning).
         self.log_dict(values, prog_bar=stage != "test", sync_dist=True, reduce_fx="max")
+        # The loggers' `step` of every xentlit row: optimiser steps taken (trainer.global_step), also when one
+        # Lightning step runs several (steps_per_execution), where Lightning's own count would be Lightning steps.
+        # A logged `step` replaces Lightning's, which then adds no `epoch` either: both are logged here.
+        self.log_dict({"step": float(self.trainer.global_step), "epoch": float(self.trainer.current_epoch)},
+                      sync_dist=True, reduce_fx="max")
         return values
 
     def on_train_epoch_start(self) -> None:

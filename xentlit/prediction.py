@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from xentlit.console import say
+
 
 def _prediction_inputs(cfg: DictConfig, run_cfg: DictConfig, info: dict[str, Any], label_column: str) -> tuple:
     """``(features, columns to copy through or None, raw labels or None)`` of the prediction input file."""
@@ -59,7 +61,7 @@ def _label_metrics(labels: Any, logits: torch.Tensor, class_names: list[str], la
     unknown = keys[(~known) & keys.notna().to_numpy()]
     if len(unknown):
         result["unknown_labels"] = sorted(set(unknown.tolist()))[:10]
-        print(f"{len(unknown)} row(s) of {source} have a {label_column!r} the model does not know "
+        say(f"{len(unknown)} row(s) of {source} have a {label_column!r} the model does not know "
               f"(e.g. {unknown.iloc[0]!r}); metrics leave them out")
     if not known.any():
         return result

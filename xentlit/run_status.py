@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from xentlit.atomic import write_atomic
+from xentlit.commands import command_line
+from xentlit.console import show_table
 
 METRICS_FILE = "metrics.json"
 
@@ -34,7 +36,8 @@ def _configured_run_dir(cfg: DictConfig) -> Path | None:
 def _interrupted(run_dir: Path | None, started: float, signal_name: str, code: int) -> None:
     if run_dir is not None:
         _write_status(run_dir, "interrupted", started, error=f"stopped by {signal_name}")
-        rank_zero_info(f"xentlit: run interrupted by {signal_name}. Continue with: python scripts/train.py resume={run_dir}")
+        rank_zero_info(f"xentlit: run interrupted by {signal_name}. Continue with: {command_line('train.py')} "
+                       f"resume={run_dir}")
     raise SystemExit(code) from None
 
 
@@ -79,18 +82,8 @@ def _report_schema(datamodule: Any, run_dir: Path) -> None:
 
 @rank_zero_only
 def _write_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """Write ``metrics.json`` in the run directory and print the final table (rank 0 only)."""
+    """Write ``metrics.json`` in the run directory and show the final table (rank 0 only)."""
     write_atomic(run_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="xentlit: final metrics", show_lines=False)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in sorted(summary["metrics"].items()):
-        if name.startswith("test/"):
-            table.add_row(name, f"{value:.4f}")
-    for key, value in summary.items():
-        if key != "metrics":
-            table.add_row(key, str(value))
-    Console().print(table)
+    rows = [(name, f"{value:.4f}") for name, value in sorted(summary["metrics"].items()) if name.startswith("test/")]
+    rows += [(key, str(value)) for key, value in summary.items() if key != "metrics"]
+    show_table("xentlit: final metrics", ("metric", "value"), rows, right_aligned=(1,))
