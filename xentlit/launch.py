@@ -31,6 +31,9 @@ def hydra_entry(run: Callable[[DictConfig], Any], config_name: str) -> Callable[
     main = hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(run)
 
     def entry() -> Any:
+        if any(arg.lstrip("+~").split("=", 1)[0].split(".")[0] == "hparams_search" for arg in sys.argv[1:]):
+            raise SystemExit("hparams_search=... is a hyperparameter search, its own command: xentlit search (or "
+                             "python scripts/search.py) with the same overrides")
         sys.argv = _argv_for_external_rank(_argv_for_resume(sys.argv))
         return main()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,13 @@ def write_plots(study: Any, sweep: Path) -> list[str]:
             notes.append(f"{name} not drawn: it needs {needed} completed trial(s), the study has {completed}")
             continue
         try:
-            axes = plot(study)
-        except (ValueError, RuntimeError) as err:  # e.g. importances of parameters that never varied
+            with warnings.catch_warnings(record=True) as caught:  # Optuna's remarks go into the table's notes
+                warnings.simplefilter("always", UserWarning)
+                axes = plot(study)
+        except (ValueError, RuntimeError) as err:
             notes.append(f"{name} not drawn: {err}")
             continue
+        notes += [f"{name}: {w.message}" for w in caught if w.category is UserWarning]
         figure = axes.figure
         figure.set_size_inches(8, 5)
         figure.set_layout_engine("constrained")  # long parameter names and the legend stay inside the image

@@ -76,10 +76,10 @@ def main(argv: Sequence[str] | None = None, config_dir: str | Path | None = None
         print(USAGE, end="")
         return
     try:
-        import optuna
+        import optuna  # noqa: F401  (the search needs it: say so before any work)
     except ImportError:
         raise SystemExit("xentlit search needs Optuna: pip install 'xentlit[search]' (or optuna>=4)") from None
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    _quiet()
     config_dir = Path(config_dir) if config_dir is not None else Path(__file__).resolve().parents[2] / "conf"
     search_args, train_args = split_arguments(argv)
     search, source, base = load(config_dir.resolve(), search_args, train_args)
@@ -125,20 +125,18 @@ def load(config_dir: Path, search_args: Sequence[str], train_args: Sequence[str]
     register_configs()
     space.register_schema()
     chosen = [a.split("=", 1)[1] for a in search_args if a.split("=", 1)[0] == PREFIX]
-    name = chosen[-1] if chosen else "optuna"
-    source = f"{PREFIX}/{name}.yaml"
-    settings = [a for a in search_args if a.split("=", 1)[0] != PREFIX]
+    source = f"{PREFIX}/{chosen[-1] if chosen else 'optuna'}.yaml"
+    # the search file is looked up where the training's configs are: conf/ and any hydra.searchpath given
+    searchpath = [a for a in train_args if a.lstrip("+").split("=", 1)[0] == "hydra.searchpath"]
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
         loader = GlobalHydra.instance().config_loader()
-        if name not in loader.get_group_options(PREFIX):
-            raise SystemExit(f"xentlit search: no search file {config_dir / source} (there are: "
-                             f"{', '.join(loader.get_group_options(PREFIX)) or 'none'})")
-        node = _composed(lambda: compose(f"{PREFIX}/{name}", overrides=settings), source)[PREFIX]
+        node = _composed(lambda: compose(space.ROOT_NAME, overrides=[*searchpath, *search_args]), source)[PREFIX]
         search = OmegaConf.to_container(node, resolve=True)
         _fail_clearly(lambda: space.check(search, source))
         overrides = [*search["trial_overrides"], *train_args]
         base = _composed(lambda: compose("train", overrides=overrides, return_hydra_config=True), "training config")
-        _fail_clearly(lambda: check_against_training(search, base, train_args, loader, source))
+        groups = functools.partial(loader.get_group_options, config_name="train", overrides=list(train_args))
+        _fail_clearly(lambda: check_against_training(search, base, train_args, groups, source))
     return search, source, base
 
 
@@ -161,8 +159,8 @@ def _fail_clearly(run_check: Any) -> None:
         raise SystemExit(f"xentlit search: {err}") from None
 
 
-def check_against_training(search: Mapping[str, Any], base: DictConfig, train_args: Sequence[str], loader: Any,
-                           source: str) -> None:
+def check_against_training(search: Mapping[str, Any], base: DictConfig, train_args: Sequence[str],
+                           group_options: Any, source: str) -> None:
     """Every searched name is a key or a config group of the training config (each choice an option of the group),
     not also set on the command line; every trial runs in one process."""
     choices = base.hydra.runtime.choices
@@ -172,7 +170,7 @@ def check_against_training(search: Mapping[str, Any], base: DictConfig, train_ar
             raise ValueError(f"{source}: params.{name} is searched and also set on the command line ({name}=...): "
                              "drop one of them")
         if name in choices:
-            options = loader.get_group_options(name)
+            options = group_options(name)
             unknown = [c for c in spec.get("choices", []) if str(c) not in options]
             if spec["type"] != "categorical" or unknown:
                 raise ValueError(f"{source}: params.{name} is the config group {name}: search it as categorical "
@@ -272,7 +270,9 @@ def _run_workers(settings: Settings) -> int:
         return 0
     import multiprocessing
 
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or Hydra state
+    # fork (Linux): the workers start at once, with this process's imports (no torch op has run here, no thread
+    # started: what DataLoader workers rely on too); spawn where fork is not the platform's safe default
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     workers = [context.Process(target=work, args=(settings, i, os.getpid()), name=f"xentlit-search-{i}")
                for i in range(n_jobs)]
     for worker in workers:
@@ -294,16 +294,15 @@ def work(settings: Settings, worker: int, parent: int | None = None) -> None:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if parent is not None:  # a spawned worker
+    if parent is not None:  # a worker process
         _die_with(parent)
-        import optuna
         import torch
 
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        _quiet()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.search["n_jobs"]))
         from xentlit.config import register_configs
 
-        register_configs()
+        register_configs()  # again under spawn
     search = settings.search
     seed = search["sampler"]["seed"]
     if seed is not None:  # each worker, and each continuation, its own stream of random proposals
@@ -314,6 +313,16 @@ def work(settings: Settings, worker: int, parent: int | None = None) -> None:
         context = _hydra_context(GlobalHydra.instance().config_loader())
         while trials_used(study) < search["n_trials"]:
             study.optimize(functools.partial(objective, context=context), n_trials=1, catch=(Exception,))
+
+
+def _quiet() -> None:
+    """The training's filters for known noise, and none for Optuna's experimental-API notes (the retry callback)."""
+    import optuna
+
+    from xentlit.cli import _quiet_known_noise
+
+    _quiet_known_noise()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def _hydra_context(loader: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 SCHEMA_NAME = "search_schema"
+ROOT_NAME = "xentlit_search"  # the primary config the search file is composed in (as the group hparams_search)
 
 # Sampler and pruner names -> Optuna classes (looked up by name, never imported from a config string).
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler"}
@@ -64,8 +65,12 @@ class SearchConfig:
 
 
 def register_schema() -> None:
-    """Register :class:`SearchConfig` with Hydra as ``search_schema`` (the search files' first default)."""
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=SearchConfig)
+    """Register :class:`SearchConfig` with Hydra as ``search_schema`` (the search files' first default), and the
+    primary config that selects a search file: ``hparams_search=<name>``, ``optuna`` by default (a primary config
+    of its own, not ``hparams_search/<name>`` itself, so that a file in a ``hydra.searchpath`` is found too)."""
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA_NAME, node=SearchConfig)
+    store.store(name=ROOT_NAME, node={"defaults": [{"hparams_search": "optuna"}, "_self_"]})
 
 
 def check(search: Mapping[str, Any], source: str) -> None:
