@@ -226,14 +226,17 @@ def storage(sweep: Path) -> Any:
     return JournalStorage(JournalFileBackend(str(sweep / STORAGE_FILE)))
 
 
-def open_study(sweep: Path, search: Mapping[str, Any], source: str, seed: int | None = None) -> Any:
+def open_study(sweep: Path, search: Mapping[str, Any], source: str, seed: int | None = None,
+               create: bool = True) -> Any:
     """The study in ``sweep`` (created on the first call), with the configured sampler (``seed``) and pruner."""
     import optuna
 
-    return optuna.create_study(
-        storage=storage(sweep), study_name=search["study_name"], direction=search["direction"], load_if_exists=True,
-        sampler=space.build_sampler(search["sampler"], seed if seed is not None else search["sampler"]["seed"], source),
-        pruner=space.build_pruner(search["pruner"], source))
+    sampler = space.build_sampler(search["sampler"], seed if seed is not None else search["sampler"]["seed"], source)
+    pruner = space.build_pruner(search["pruner"], source)
+    if not create:
+        return optuna.load_study(storage=storage(sweep), study_name=search["study_name"], sampler=sampler, pruner=pruner)
+    return optuna.create_study(storage=storage(sweep), study_name=search["study_name"], direction=search["direction"],
+                               load_if_exists=True, sampler=sampler, pruner=pruner)
 
 
 def retry_interrupted(study: Any) -> int:
@@ -266,7 +269,10 @@ def _run_workers(settings: Settings) -> int:
     worker processes failed."""
     n_jobs = settings.search["n_jobs"]
     if n_jobs == 1:
-        work(settings, 0)
+        try:
+            work(settings, 0)
+        except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C or SIGTERM during a trial: it is run again later
+            _interrupted(settings, stop)
         return 0
     import multiprocessing
 
@@ -280,12 +286,20 @@ def _run_workers(settings: Settings) -> int:
     try:
         for worker in workers:
             worker.join()
-    except KeyboardInterrupt:  # the workers got the Ctrl-C too: their trials stop and stay to be run again
+    except KeyboardInterrupt as stop:  # the workers got the Ctrl-C too: their trials stop and stay to be run again
         for worker in workers:
             worker.join()
-        raise SystemExit(f"xentlit search: interrupted; continue with the same command and "
-                         f"{PREFIX}.dir={settings.sweep_dir}") from None
+        _interrupted(settings, stop)
     return sum(worker.exitcode != 0 for worker in workers)
+
+
+def _interrupted(settings: Settings, stop: BaseException) -> None:
+    code = stop.code if isinstance(stop, SystemExit) else None
+    if isinstance(code, str):  # a run's own error message (e.g. a full disk): the search ends with it
+        raise stop
+    print(f"xentlit search: interrupted; the trials that were running will run again: continue with the same "
+          f"command and {PREFIX}.dir={settings.sweep_dir}", file=sys.stderr, flush=True)
+    raise SystemExit(code if isinstance(code, int) else 128 + signal.SIGINT) from None
 
 
 def work(settings: Settings, worker: int, parent: int | None = None) -> None:
@@ -307,7 +321,7 @@ def work(settings: Settings, worker: int, parent: int | None = None) -> None:
     seed = search["sampler"]["seed"]
     if seed is not None:  # each worker, and each continuation, its own stream of random proposals
         seed = int(np.random.SeedSequence([seed, settings.started_with, worker]).generate_state(1)[0])
-    study = open_study(Path(settings.sweep_dir), search, settings.source, seed=seed)
+    study = open_study(Path(settings.sweep_dir), search, settings.source, seed=seed, create=False)
     objective = functools.partial(run_trial, settings=settings)
     with initialize_config_dir(config_dir=settings.config_dir, version_base="1.3", job_name="train"):
         context = _hydra_context(GlobalHydra.instance().config_loader())
