@@ -233,3 +233,19 @@ def test_the_training_script_points_a_search_to_its_command(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "hparams_search=optuna", "hparams_search.n_trials=5"])
     with pytest.raises(SystemExit, match="its own command: xentlit search"):
         hydra_entry(train, config_name="train")()
+
+
+def test_a_continued_search_refuses_other_settings_and_a_second_search_at_once(tmp_path):
+    from xentlit.search.run import _exclusive, _record, load, split_arguments
+
+    sweep = tmp_path / "sweep"
+    search, _, _ = load(CONF, *split_arguments(["trainer.max_epochs=3"]))
+    _record(sweep, search, ["trainer.max_epochs=3"])  # what the first command recorded
+    message = _error(f"hparams_search.dir={sweep}", "trainer.max_epochs=5")
+    assert "holds a search with other settings (training overrides (was: trainer.max_epochs=3))" in message
+    message = _error(f"hparams_search.dir={sweep}", "trainer.max_epochs=3", "hparams_search.pruner.name=none")
+    assert "other settings (pruner)" in message
+    with _exclusive(sweep):  # a search command holds the directory
+        message = _error(f"hparams_search.dir={sweep}", "trainer.max_epochs=3")
+    assert f"another search is running in {sweep}" in message
+    assert not (sweep / "study.journal").exists()  # none of them started a study
