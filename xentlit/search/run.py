@@ -333,7 +333,7 @@ def _quiet() -> None:
     """The training's filters for known noise, and none for Optuna's experimental-API notes (the retry callback)."""
     import optuna
 
-    from xentlit.cli import _quiet_known_noise
+    from xentlit.launch import _quiet_known_noise
 
     _quiet_known_noise()
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
