@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -166,7 +165,6 @@ class ConvergenceDoctor(Callback):
         self._train = EpochSums(lambda items: train_statistics(items, self.state.ignore_index, self._dtype), limit)
         self._val = EpochSums(lambda items: validation_statistics(items, self.state.ignore_index, self._dtype), limit)
         self._val_pending: list[tuple[int, int, Tensor | None]] = []  # validation runs of this training epoch
-        self._train_counts: list[float] | None = None
         self._dm_counts: Tensor | None = None
         self._snapshot = WeightSnapshot()
 
@@ -193,8 +191,7 @@ class ConvergenceDoctor(Callback):
             return
         self._device = pl_module.device
         self._dtype = torch.float32 if self._device.type == "mps" else torch.float64
-        self._steps.every = max(int(getattr(trainer, "log_every_n_steps", 10) or 10), 1)
-        self._steps.step = int(trainer.global_step)
+        self._steps.start(int(trainer.global_step), int(getattr(trainer, "log_every_n_steps", 10) or 10), self._device)
         self.state.single = trainer.world_size == 1
         self._dm_counts = datamodule_class_counts(trainer)
         if self.keep_last_good:
@@ -259,11 +256,11 @@ class ConvergenceDoctor(Callback):
                                                else None))
 
     def _judge_steps(self, ready: Ready) -> None:
-        for step, loss, grad_norm in ready:
+        for step, loss, grad_norm in ready:  # (every optimiser step: kept short)
             if self.state.stopped:
                 return
             self.state.add_step(loss, grad_norm)
-            self._dispatch("on_step", step, loss, grad_norm)
+            self._diagnosis.dispatch(self, self._trainer, "on_step", step, loss, grad_norm)
 
     def _check_batch(self, pl_module: pl.LightningModule, batch: Any, stage: str) -> list[str]:
         """The input and target checks of a raw batch; the codes it shows (also those reported before)."""
@@ -284,16 +281,10 @@ class ConvergenceDoctor(Callback):
             self._train.add_reduced(stats)
         first = first_step(pl_module, logits, target, stats[0] if stats is not None else None, self._probe,
                            self._batch_step, self._input_stats)
-        state, c = self.state, first.num_classes
-        state.num_classes = c
-        if first.nll is not None and math.isfinite(first.nll):
-            state.initial_nll = first.nll
-        if first.observed_loss is not None and math.isfinite(first.observed_loss) and first.observed_loss > 0:
-            state.module_loss0 = first.observed_loss
-        state.uniform_loss = first.expected_loss if math.isfinite(first.expected_loss) else math.log(c)
+        self.state.add_first_step(first)
         self._dispatch("on_first_step", first)
         if self._dm_counts is not None:
-            self._dispatch("on_class_counts", self._dm_counts, c, "datamodule.class_counts")
+            self._dispatch("on_class_counts", self._dm_counts, first.num_classes, "datamodule.class_counts")
         return stats is not None
 
     def _warn_contract(self, trainer: pl.Trainer) -> None:
@@ -325,12 +316,11 @@ class ConvergenceDoctor(Callback):
                                     max(int(trainer.world_size), 1))
         state.train_history.append(epoch.record)
         if c:
-            self._train_counts = counts if self._train_counts is None else [
-                a + b for a, b in zip(self._train_counts, counts)]
+            state.add_class_counts(counts)
             if state.epochs_seen == 1 and self._dm_counts is None:
                 self._dispatch("on_class_counts", torch.tensor(counts, dtype=torch.float64), c,
                                "the first epoch's targets")
-            train_counts = self._dm_counts.tolist() if self._dm_counts is not None else self._train_counts
+            train_counts = self._dm_counts.tolist() if self._dm_counts is not None else state.train_counts
             for val in val_epochs(values, [(e, s) for e, s, _ in pending], c, epoch.record["train_nll"],
                                   train_counts):
                 state.val_history.append(val.record)

@@ -38,8 +38,12 @@ class Diagnosis:
     def dispatch(self, doctor: Doctor, trainer: pl.Trainer | None, event: str, *args: Any) -> list[str]:
         """Call every check of ``event``; the codes whose problem shows now (also those reported before)."""
         shown = []
-        for check in self._listeners[event]:
-            verdict = self.safely(f"the {check.code} check", getattr(check, event), doctor, *args)
+        for check in self._listeners[event]:  # (on_step: every optimiser step, kept short)
+            try:
+                verdict = getattr(check, event)(doctor, *args)
+            except Exception as err:
+                self.skipped(f"the {check.code} check", err)
+                continue
             if verdict is not None:
                 shown.append(check.code)
                 self.add(trainer, check, verdict)
@@ -66,7 +70,11 @@ class Diagnosis:
         try:
             return fn(*args)
         except Exception as err:
-            if what not in self._errors:
-                self._errors.add(what)
-                log.warning("ConvergenceDoctor skipped %s: %s: %s", what, type(err).__name__, err)
+            self.skipped(what, err)
             return None
+
+    def skipped(self, what: str, err: Exception) -> None:
+        """Say (once per ``what``) that a step of the diagnosis failed and was skipped."""
+        if what not in self._errors:
+            self._errors.add(what)
+            log.warning("ConvergenceDoctor skipped %s: %s: %s", what, type(err).__name__, err)

@@ -26,6 +26,7 @@ class FitState:
     last_loss: float | None = None  # the last finite per-step training loss
     grad_reference: float | None = None  # median norm of the first measured gradients
     stopped: bool = False  # training was stopped on divergence
+    train_counts: list[float] | None = None  # training class counts summed over the epochs so far
     epochs_seen: int = 0
     steps_seen: int = 0
     train_history: list[dict[str, float]] = field(default_factory=list)
@@ -54,6 +55,20 @@ class FitState:
     def start_epoch(self) -> None:
         self.epoch_loss = [0.0, 0]
         self.epoch_grad = [0.0, 0, 0.0]
+
+    def add_first_step(self, first: FirstStep) -> None:
+        """The references the first training step sets: number of classes, initial and uniform losses."""
+        self.num_classes = first.num_classes
+        if first.nll is not None and math.isfinite(first.nll):
+            self.initial_nll = first.nll
+        if first.observed_loss is not None and math.isfinite(first.observed_loss) and first.observed_loss > 0:
+            self.module_loss0 = first.observed_loss
+        expected = first.expected_loss
+        self.uniform_loss = expected if math.isfinite(expected) else math.log(first.num_classes)
+
+    def add_class_counts(self, counts: list[float]) -> None:
+        """Add an epoch's training class counts."""
+        self.train_counts = counts if self.train_counts is None else [a + b for a, b in zip(self.train_counts, counts)]
 
 
 @dataclass

@@ -126,7 +126,7 @@ def _log_partition(x: Tensor, with_argmax: bool = False) -> tuple[Tensor, Tensor
         top, arg = x.max(dim=1, keepdim=True)
     else:
         top, arg = x.amax(dim=1, keepdim=True), None
-    total = (x - top).exp().sum(dim=1)
+    total = (x - top).exp_() @ x.new_ones(x.shape[1])  # (a row sum; the product is faster over a short row)
     return total.log() + top.squeeze(1), total.reciprocal(), (arg.squeeze(1) if arg is not None else None)
 
 

@@ -103,8 +103,13 @@ class StepWatch:
         self.step = 0  # the index of the next optimiser step
         self.every = 10
         self.measured = False  # whether the gradient norm was measured in this epoch
+        self.on_cpu = True  # values are read at once (no device to wait for)
         self.reader = StepReader()
         self._norm: Tensor | None = None
+
+    def start(self, step: int, every: int, device: torch.device) -> None:
+        """Count from optimiser step ``step`` and measure the gradient norm every ``every`` steps."""
+        self.step, self.every, self.on_cpu = step, max(every, 1), device.type == "cpu"
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> int:
         """Count the step (its index is returned) and measure its gradient norm when it is due."""
@@ -120,4 +125,6 @@ class StepWatch:
     def read(self, step: int, loss: Tensor | None) -> Ready:
         """Queue the step's loss with the gradient norm measured since the last read; the steps readable now."""
         norm, self._norm = self._norm, None
+        if self.on_cpu:  # (the common path, every step: kept short)
+            return [(step, None if loss is None else loss.item(), None if norm is None else norm.item())]
         return self.reader.push(step, loss, norm)
