@@ -16,9 +16,11 @@ def _input_values(x: Tensor) -> tuple[list[Tensor], list[str]]:
     xf = x.detach().float()
     xf = xf.reshape(xf.shape[0], -1) if xf.dim() > 1 else xf.reshape(-1, 1)
     # x - x is 0 where x is finite and NaN where it is not (float kernels: boolean masks are slow on CPU)
-    nonfinite = torch.nan_to_num(xf - xf, nan=1.0).sum(dtype=torch.float64)
+    # (counted per feature in float32, exact below 2**24 rows, then summed in float64)
+    nonfinite = torch.nan_to_num(xf - xf, nan=1.0).sum(0).sum(dtype=torch.float64)
     xz = torch.nan_to_num(xf, nan=0.0, posinf=0.0, neginf=0.0)
-    return ([nonfinite, xz.abs().amax(), xz.pow(2).mean(0).sqrt().amax(), xz.mean(0).abs().amax()],
+    low, high = torch.aminmax(xz)
+    return ([nonfinite, torch.maximum(high, -low), xz.pow(2).mean(0).sqrt().amax(), xz.mean(0).abs().amax()],
             ["x_nonfinite", "x_abs_max", "x_feature_rms_max", "x_feature_mean_abs_max"])
 
 
