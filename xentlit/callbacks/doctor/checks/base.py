@@ -19,11 +19,9 @@ EVENTS = ("on_batch", "on_first_step", "on_class_counts", "on_step", "on_validat
           "on_fit_end", "on_exception")
 
 
-class Doctor(Protocol):
-    """What a check may use of the :class:`~xentlit.callbacks.ConvergenceDoctor` running it."""
+class Settings(Protocol):
+    """The :class:`~xentlit.callbacks.ConvergenceDoctor`'s arguments that the checks use."""
 
-    trainer: pl.Trainer  # the trainer of the current fit
-    state: FitState
     window: int
     divergence_factor: float
     grad_explosion_factor: float
@@ -31,6 +29,15 @@ class Doctor(Protocol):
     max_preactivation: float
     keep_last_good: bool
     stop_on_divergence: bool
+
+
+class Doctor(Protocol):
+    """What a check may use of the fit it judges (the
+    :class:`~xentlit.callbacks.doctor.examination.Examination` that calls it)."""
+
+    trainer: pl.Trainer
+    state: FitState
+    settings: Settings
 
     def has(self, *codes: str) -> bool:
         """Whether any of ``codes`` has been reported in this fit."""

@@ -31,7 +31,7 @@ class MajorityCollapse(Check):
             return None
         self.streak += 1
         self.last = {**collapse, "consecutive_epochs": self.streak}
-        return self.verdict(doctor) if self.streak >= doctor.window else None
+        return self.verdict(doctor) if self.streak >= doctor.settings.window else None
 
     def on_fit_end(self, doctor: Doctor) -> Verdict | None:
         return self.verdict(doctor) if self.streak > 0 and not doctor.has(self.code) else None

@@ -41,7 +41,7 @@ class Divergence(Check):
                     scale = loss / state.module_loss0 if state.module_loss0 else 1.0
                     uniform = state.uniform_loss if state.uniform_loss is not None else 0.0
                     self.reference = max(loss, scale * uniform)
-                    self.limit = (max(doctor.divergence_factor * self.reference, self.reference + 10.0 * scale)
+                    self.limit = (max(doctor.settings.divergence_factor * self.reference, self.reference + 10.0 * scale)
                                   if state.single else math.inf)
             elif state.single:
                 reason = "the training loss became NaN/inf"
@@ -49,7 +49,7 @@ class Divergence(Check):
             found["grad_norm"] = grad_norm
             reference = state.grad_reference
             if math.isfinite(grad_norm):
-                if reference and grad_norm > doctor.grad_explosion_factor * reference:
+                if reference and grad_norm > doctor.settings.grad_explosion_factor * reference:
                     self.explode_streak += 1
                     if self.explode_streak >= 2 and reason is None:
                         reason = (f"the gradient norm exploded to {grad_norm:.4g}, {grad_norm / reference:.3g}x "
@@ -61,7 +61,7 @@ class Divergence(Check):
                 reason = "the gradient norm became NaN/inf"  # (a GradScaler skips such steps itself)
         if (reason is None and state.single and loss is not None and math.isfinite(loss)
                 and self.limit is not None and loss > self.limit):
-            reason = (f"the batch loss ({loss:.4g}) rose above {doctor.divergence_factor:g}x its initial "
+            reason = (f"the batch loss ({loss:.4g}) rose above {doctor.settings.divergence_factor:g}x its initial "
                       f"value ({self.reference:.4g})")
             found["initial_loss"] = self.reference
         return None if reason is None else self.diverged(doctor, reason, evidence(**found), step)
@@ -86,7 +86,7 @@ class Divergence(Check):
         clip = trainer.gradient_clip_val
         lr_text = f"{lrs[0]:g}" if len(lrs) == 1 else (str(lrs) if lrs else "the learning rate")
         action = ""
-        if doctor.stop_on_divergence:
+        if doctor.settings.stop_on_divergence:
             if restored is None:
                 action = " Training was stopped."
             else:

@@ -38,9 +38,9 @@ class UnscaledInputs(Check):
         layer = first.first_layer
         preact = first.values.get("first_layer_rms")
         if preact is not None:
-            fire = preact > doctor.max_preactivation and scale > 10.0
+            fire = preact > doctor.settings.max_preactivation and scale > 10.0
         else:
-            fire = scale > doctor.max_input_scale
+            fire = scale > doctor.settings.max_input_scale
         if not fire:
             return None
         where = (f"the first layer ({layer}) outputs values of RMS {preact:.3g}" if preact is not None

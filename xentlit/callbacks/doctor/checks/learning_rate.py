@@ -19,7 +19,7 @@ class LearningRateTooLow(Check):
     code, severity, title = "lr_too_low", "warning", "learning rate too low"
 
     def on_train_epoch(self, doctor: Doctor, epoch: TrainEpoch) -> Verdict | None:
-        w, state = doctor.window, doctor.state
+        w, state = doctor.settings.window, doctor.state
         hist = state.train_history
         if len(hist) < w or doctor.has(self.code, "softmax_before_loss", "divergence") or state.stopped:
             return None
@@ -40,7 +40,7 @@ class LearningRateTooLow(Check):
         if not (flat and stuck and healthy):
             return None
         changes: list[float] = []
-        if doctor.keep_last_good:
+        if doctor.settings.keep_last_good:
             # Distinguish "too low" from "no signal / too high": how far did the weights move in an epoch?
             change = hist[-1].get("weight_change")
             if change is None:

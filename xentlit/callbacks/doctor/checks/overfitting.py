@@ -22,7 +22,7 @@ class Overconfidence(Check):
     def on_validation(self, doctor: Doctor, val: ValEpoch) -> Verdict | None:
         hist = doctor.state.val_history
         if (doctor.has(self.code, "divergence", "majority_collapse") or doctor.check(MajorityCollapse).streak > 0
-                or len(hist) < doctor.window):
+                or len(hist) < doctor.settings.window):
             return None
         best_i = min(range(len(hist)), key=lambda i: hist[i]["val_nll"])
         best, now, first = hist[best_i], hist[-1], hist[0]
