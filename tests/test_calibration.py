@@ -130,3 +130,14 @@ def test_a_checkpoint_from_before_calibration_loads_unfitted_and_casts_keep_floa
     again = XentModule(MLP(4, 3, hidden_sizes=[8]), calibration="temperature")
     again.load_state_dict(fresh.state_dict())
     assert again.calibrator.fitted and float(again.calibrator.temperature) == float(fresh.calibrator.temperature)
+
+
+def test_calibration_without_a_validation_split_is_refused_before_training(compose, tmp_path):
+    from xentlit.cli import build
+
+    cfg = compose("data.val_fraction=0")
+    with pytest.raises(ValueError, match=r"calibration=temperature is fitted on the validation split, but "
+                                         r"data.val_fraction=0 leaves none.*calibration=none"):
+        build(cfg)
+    ok = compose("data.val_fraction=0", "calibration=none", f"paths.output_dir={tmp_path}")
+    assert build(ok)[1].calibrator.method == "none"  # without calibration the run may start

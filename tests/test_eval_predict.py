@@ -97,3 +97,45 @@ def test_predict_keeps_the_class_order_with_more_than_ten_classes(tmp_path):
     np.testing.assert_allclose(preds[[f"prob_{n}" for n in names]].to_numpy(), expected, atol=1e-5)
     assert (preds["class_index"].to_numpy() == expected.argmax(1)).all()
     assert preds["prediction"].tolist() == [names[i] for i in expected.argmax(1)]
+
+
+def test_calibration_is_fitted_on_validation_stored_in_the_best_checkpoint_and_applied(trained_run, tmp_path):
+    """The default calibration=temperature: T fitted on the validation split after training (val NLL not worse),
+    written into the best checkpoint, reported before/after by eval, and applied by predict (with post-hoc logit
+    adjustment by the training priors on top when asked)."""
+    summary = read_metrics(trained_run)
+    metrics = summary["metrics"]
+    t = metrics["calibration/temperature"]
+    assert metrics["calibration/val_nll_after"] <= metrics["calibration/val_nll_before"] + 1e-9
+    best = summary["best_checkpoint"]
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    assert float(state["state_dict"]["calibrator.temperature"]) == pytest.approx(t, rel=1e-12)
+    counts = state["xentlit"]["class_counts"]
+
+    run_script("eval.py", f"ckpt_path={best}", "logit_adjustment=1.0", cwd=tmp_path)
+    [eval_run] = run_dirs(tmp_path / "outputs")
+    evaluated = read_metrics(eval_run)["metrics"]
+    for name in ("test_nll_before", "test_nll_after", "test_ece_after", "test_brier_after"):
+        assert evaluated[f"calibration/{name}"] == pytest.approx(metrics[f"calibration/{name}"], abs=1e-6), name
+    assert 0 < evaluated["test/balanced_acc_adjusted_tau1"] <= 1
+    assert evaluated["test/balanced_acc"] == pytest.approx(metrics["test/balanced_acc"], abs=1e-6)
+
+    digits = load_digits()
+    rows = digits.data[:40]
+    pd.DataFrame(rows, columns=[f"pixel{i}" for i in range(64)]).to_csv(tmp_path / "new.csv", index=False)
+    from xentlit import MLP, DigitsDataModule, XentModule
+
+    dm = DigitsDataModule()
+    dm.setup()
+    assert counts == dm.class_counts.tolist()
+    module = XentModule.load_from_checkpoint(best, net=MLP(64, 10), weights_only=True).eval()
+    with torch.no_grad():
+        logits = module(dm.transform(torch.tensor(rows, dtype=torch.float32))).double()
+    log_prior = torch.log(torch.tensor(counts, dtype=torch.float64).clamp_min(1) / sum(counts))
+    prob_columns = [f"prob_{k}" for k in range(10)]
+    for tau, expected in ((0.0, (logits / t).softmax(1)), (1.0, ((logits - log_prior) / t).softmax(1))):
+        run_script("predict.py", f"ckpt_path={best}", "input=new.csv", f"output=p{tau}.csv", f"logit_adjustment={tau}",
+                   cwd=tmp_path)
+        preds = pd.read_csv(tmp_path / f"p{tau}.csv")
+        np.testing.assert_allclose(preds[prob_columns].to_numpy(), expected.numpy(), atol=1e-5)
+    assert (trained_run / "plots" / "reliability.png").is_file()

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from xentlit.atomic import atomic_path, write_atomic
+from xentlit.calibration import adjust_logits, log_priors
 from xentlit.checkpointing import AtomicCheckpointIO
 from xentlit.commands import command_line
 from xentlit.console import ModelSummary, say
@@ -116,6 +117,7 @@ def build_module(
         optimizer=instantiate(cfg.optimizer),
         scheduler=scheduler,
         num_classes=num_classes,
+        calibration=cfg.get("calibration") or "none",
     )
 
 
@@ -160,6 +162,10 @@ def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> tuple[pl.Light
     """Instantiate the datamodule, the module (with its network and loss) and the trainer from ``cfg``
     (``callbacks``: objects added to the configured callbacks, e.g. a search's pruning callback)."""
     datamodule = instantiate(cfg.data)
+    calibration = cfg.get("calibration") or "none"
+    if cfg.get("train", True) and calibration != "none" and getattr(datamodule, "val_fraction", None) == 0:
+        raise ValueError(f"calibration={calibration} is fitted on the validation split, but data.val_fraction=0 leaves "
+                         "none (it is never fitted on the training split): set data.val_fraction > 0, or calibration=none")
     loss = instantiate(cfg.loss)
     resolve_monitor(cfg, loss)
     module = build_module(cfg, datamodule.num_features, datamodule.num_classes,
@@ -212,6 +218,9 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> float | None:
             ckpt_path = best or (None if cfg.train else cfg.get("ckpt_path"))
             results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
             test_metrics = _metric_values(results[0] if results else {})
+        calibrator = getattr(module, "calibrator", None)
+        if cfg.train and calibrator is not None and calibrator.method != "none" and trainer.is_global_zero:
+            test_metrics.update(_calibrate(trainer, module, datamodule, cfg.ignore_index))
     except KeyboardInterrupt:  # Ctrl-C outside fit (Lightning handles it inside)
         _interrupted(run_dir, started, "SIGINT", EXIT_INTERRUPTED)
         raise  # not reached
@@ -240,6 +249,22 @@ def _train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> float | None:
     rank_zero_info(f"xentlit: run completed ({run_dir})")
     value = metrics.get(cfg.optimized_metric)
     return None if value is None or math.isnan(value) else value
+
+
+def _calibrate(trainer: pl.Trainer, module: Any, datamodule: Any, ignore_index: int) -> dict[str, float]:
+    """The post-hoc step (rank 0): the best weights' calibrator fitted on the validation split, written into the
+    best checkpoint, its before/after metrics returned, and the reliability diagram redrawn with both."""
+    from xentlit import posthoc
+
+    checkpoint = trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    if best:  # trainer.test left the module with the best weights only if it loaded them
+        module.load_state_dict(load_checkpoint(best)["state_dict"])
+    metrics = posthoc.fit_calibration(module, datamodule, ignore_index)
+    if best:
+        posthoc.store_calibrator(best, module)
+    posthoc.redraw_reliability(trainer, module, datamodule)
+    return metrics
 
 
 def _metric_values(logged: Any) -> dict[str, float]:
@@ -287,6 +312,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer = build_trainer(cfg)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=str(cfg.ckpt_path), verbose=False)
         metrics = _metric_values(results[0] if results else {})
+        if trainer.is_global_zero:
+            from xentlit.posthoc import test_report
+
+            info = run_info(checkpoint, cfg.ckpt_path)
+            metrics.update(test_report(module, datamodule.test_dataset, run_cfg.get("ignore_index", -100),
+                                       info.get("class_counts"), float(cfg.get("logit_adjustment") or 0.0)))
         summary = {
             "metrics": metrics,
             "checkpoint": str(Path(cfg.ckpt_path).resolve()),
@@ -325,6 +356,14 @@ def predict(cfg: DictConfig) -> Path:
         for start in range(0, len(features), cfg.batch_size):
             logits.append(module(features[start : start + cfg.batch_size].to(device)).float().cpu())
     logit = torch.cat(logits) if logits else torch.zeros((0, len(class_names)))
+    tau = float(cfg.get("logit_adjustment") or 0.0)
+    if tau:  # post-hoc logit adjustment by the training priors (xentlit.calibration)
+        if info.get("class_counts") is None:
+            raise SystemExit(f"logit_adjustment={tau}: {cfg.ckpt_path} holds no training class counts (written before "
+                             "xentlit stored them); retrain, or use logit_adjustment=0")
+        logit = adjust_logits(logit, log_priors(info["class_counts"]), tau)
+    with torch.no_grad():  # the checkpoint's fitted calibration (identity when none)
+        logit = module.calibrator(logit.double()).float() if hasattr(module, "calibrator") else logit
     prob = logit.softmax(dim=1).numpy()
     index = prob.argmax(axis=1)
     table = passthrough if passthrough is not None else pd.DataFrame(index=range(len(index)))

@@ -122,6 +122,7 @@ class TrainConfig:
     resume: str | None = None
     optimized_metric: str = "val/acc_best"
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    calibration: str = "temperature"
     threads: Optional[int] = 1
     trust_targets: list[str] = field(default_factory=list)
 
@@ -137,6 +138,7 @@ class EvalConfig:
     task_name: str = "eval"
     ckpt_path: str = MISSING
     seed: int = 42
+    logit_adjustment: float = 0.0
     threads: Optional[int] = 1
     trust_targets: list[str] = field(default_factory=list)
 
@@ -152,6 +154,7 @@ class PredictConfig:
     output: str = MISSING
     batch_size: int = 4096
     device: str = "cpu"
+    logit_adjustment: float = 0.0
     threads: Optional[int] = 1
     trust_targets: list[str] = field(default_factory=list)
 

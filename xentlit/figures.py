@@ -230,13 +230,16 @@ def reliability_bins(confidences: Any, correct: Any, n_bins: int = 15) -> dict[s
     }
 
 
-def plot_reliability(confidences: Any, correct: Any, n_bins: int = 15, *, title: str = "Reliability (test)") -> Figure:
+def plot_reliability(confidences: Any, correct: Any, n_bins: int = 15, *, title: str = "Reliability (test)",
+                     calibrated: tuple[Any, Any] | None = None, calibrated_label: str = "after calibration") -> Figure:
     """Reliability diagram: accuracy per confidence bin against the diagonal, over a histogram of confidences.
 
     Args:
         confidences: top-1 probability per sample, in ``[0, 1]``.
         correct: whether the top-1 prediction was right, per sample.
         n_bins: equal-width bins over ``[0, 1]``.
+        calibrated: ``(confidences, correct)`` of the same samples after post-hoc calibration: drawn over the
+            bars as points (accuracy against mean confidence per bin), its ECE in the title.
 
     The title carries the expected calibration error (torchmetrics' top-label L1 ECE over the same bins,
     the value ``XentModule`` logs as ``test/ece``). Red hatched bars show the gap between each bin's accuracy
@@ -270,7 +273,17 @@ def plot_reliability(confidences: Any, correct: Any, n_bins: int = 15, *, title:
     top.set_ylabel("accuracy")
     top.set_aspect("auto")
     top.grid(alpha=0.3)
-    top.set_title(f"{title}: ECE = {ece:.4f}\n{n_bins} bins, {n} samples")
+    heading = f"{title}: ECE = {ece:.4f}"
+    if calibrated is not None:
+        after = reliability_bins(calibrated[0], calibrated[1], n_bins)
+        filled = after["count"] > 0
+        top.plot(after["confidence"][filled], after["accuracy"][filled], marker="o", color="tab:orange", linewidth=1.2,
+                 label=calibrated_label)
+        cal_conf = torch.as_tensor(np.asarray(calibrated[0], dtype=np.float64).reshape(-1)).clamp(0.0, 1.0)
+        cal_hits = torch.as_tensor(np.asarray(calibrated[1], dtype=np.float64).reshape(-1)).long()
+        cal_ece = float(binary_calibration_error(cal_conf, cal_hits, n_bins=n_bins)) if n else float("nan")
+        heading += f", {calibrated_label}: {cal_ece:.4f}"
+    top.set_title(f"{heading}\n{n_bins} bins, {n} samples")
 
     bars = bottom.bar(edges[:-1], count, width=width, align="edge", color="0.55", edgecolor="black", linewidth=0.6)
     if n:

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_recall
 
 from xentlit.atomic import atomic_path
-from xentlit.calibration import Calibrator, adjust_logits, calibration_metrics
+from xentlit.calibration import Calibrator, adjust_logits, calibration_metrics, log_priors
 
-__all__ = ["CALIBRATOR_KEY", "adjusted_balanced_accuracy", "balanced_accuracy", "fit_calibration", "split_logits", "store_calibrator"]
+__all__ = ["CALIBRATOR_KEY", "adjusted_balanced_accuracy", "balanced_accuracy", "fit_calibration", "redraw_reliability",
+           "split_logits", "store_calibrator", "test_report"]
 
 CALIBRATOR_KEY = "calibrator"  # the module attribute (and state-dict prefix) holding the fitted calibrator
 
@@ -66,6 +67,51 @@ def fit_calibration(module: nn.Module, datamodule: Any, ignore_index: int, n_bin
     if calibrator.method == "temperature":
         metrics["calibration/temperature"] = float(calibrator.temperature)
     return metrics
+
+
+def test_report(module: nn.Module, dataset: Any, ignore_index: int, class_counts: Any = None,
+                tau: float = 0.0) -> dict[str, float]:
+    """What ``eval`` adds to the test metrics: NLL/ECE/Brier before and after the checkpoint's fitted calibrator,
+    and with ``tau`` > 0 the balanced accuracy with and without post-hoc logit adjustment by the training priors."""
+    logits, y = split_logits(module, dataset)
+    metrics: dict[str, float] = {}
+    calibrator: Calibrator = getattr(module, CALIBRATOR_KEY)
+    if calibrator.fitted and len(y):
+        with torch.no_grad():
+            after = calibration_metrics(calibrator(logits), y, ignore_index)
+        for name, value in calibration_metrics(logits, y, ignore_index).items():
+            metrics[f"calibration/test_{name}_before"] = value
+            metrics[f"calibration/test_{name}_after"] = after[name]
+    if tau:
+        if class_counts is None:
+            raise ValueError("logit_adjustment needs the training class counts, which this checkpoint does not hold "
+                             "(it was written before xentlit stored them): retrain, or use logit_adjustment=0")
+        adjusted = adjusted_balanced_accuracy(logits, y, log_priors(class_counts), tau, ignore_index)
+        metrics["test/balanced_acc"] = adjusted["balanced_acc"]
+        metrics[f"test/balanced_acc_adjusted_tau{tau:g}"] = adjusted["balanced_acc_adjusted"]
+    return metrics
+
+
+def redraw_reliability(trainer: Any, module: nn.Module, datamodule: Any) -> None:
+    """Redraw the run's test reliability diagram (if the plots callback drew one) with the calibrated points."""
+    from xentlit.figures import plot_reliability, save_figure
+    from xentlit.plots import PlotCallback
+
+    plots = next((c for c in trainer.callbacks if isinstance(c, PlotCallback)), None)
+    if plots is None or "reliability" not in plots.written:
+        return
+    logits, y = split_logits(module, datamodule.test_dataset)
+    keep = y != module.ignore_index
+    logits, y = logits[keep], y[keep]
+    calibrator: Calibrator = getattr(module, CALIBRATOR_KEY)
+    with torch.no_grad():
+        raw, cal = logits.softmax(dim=1), calibrator(logits.double()).softmax(dim=1)
+    raw_conf, raw_pred = raw.max(dim=1)
+    cal_conf, cal_pred = cal.max(dim=1)
+    fig = plot_reliability(raw_conf.numpy(), (raw_pred == y).numpy(), plots.n_bins,
+                           calibrated=(cal_conf.numpy(), (cal_pred == y).numpy()),
+                           calibrated_label=f"after {calibrator.method} scaling")
+    save_figure(fig, plots.written["reliability"], dpi=plots.dpi)
 
 
 def store_calibrator(path: str | Path, module: nn.Module) -> None:

@@ -32,6 +32,9 @@ class RunInfoInCheckpoint(Callback):
             info["class_names"] = [str(c) for c in getattr(datamodule, "class_names", []) or []]
             info["num_features"] = getattr(datamodule, "num_features", None)
             info["categorical_cardinalities"] = list(getattr(datamodule, "categorical_cardinalities", []) or [])
+            counts = getattr(datamodule, "class_counts", None)  # training priors, for post-hoc logit adjustment
+            if isinstance(counts, torch.Tensor):
+                info["class_counts"] = counts.detach().cpu().tolist()
             for name in ("feature_mean", "feature_std"):
                 value = getattr(datamodule, name, None)
                 if isinstance(value, torch.Tensor):
@@ -80,6 +83,8 @@ def _stored_config(checkpoint: dict[str, Any], cfg: DictConfig) -> DictConfig:
     if not isinstance(stored, dict):
         raise ValueError(f"{cfg.ckpt_path}: the stored run config is not a mapping")
     built = {key: stored.get(key) for key in ("data", "model", "loss", "optimizer", "scheduler", "module")}
+    # plain settings the rebuilt module needs (a wrong value fails the module's own checks; nothing is built)
+    built.update({key: stored[key] for key in ("calibration", "ignore_index") if key in stored})
     check_no_interpolation(built, f"checkpoint {cfg.ckpt_path}")
     check_targets(built, f"checkpoint {cfg.ckpt_path}", cfg.get("trust_targets") or ())
     return OmegaConf.create(built)

@@ -84,6 +84,7 @@ def _report_schema(datamodule: Any, run_dir: Path) -> None:
 def _write_summary(summary: dict[str, Any], run_dir: Path) -> None:
     """Write ``metrics.json`` in the run directory and show the final table (rank 0 only)."""
     write_atomic(run_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    rows = [(name, f"{value:.4f}") for name, value in sorted(summary["metrics"].items()) if name.startswith("test/")]
+    rows = [(name, f"{value:.4f}") for name, value in sorted(summary["metrics"].items())
+            if name.startswith(("test/", "calibration/"))]
     rows += [(key, str(value)) for key, value in summary.items() if key != "metrics"]
     show_table("xentlit: final metrics", ("metric", "value"), rows, right_aligned=(1,))
