@@ -11,7 +11,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xentlit import losses
 from xentlit.losses import LOSSES
 
 NAMES = sorted(LOSSES)
@@ -52,20 +51,14 @@ def cases(draw):
         weights = [-1.0] + [1.0] * (c - 1)
     smoothing = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0, -0.1]))
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
-    block = draw(st.sampled_from([losses._BLOCK_ELEMENTS, 1, 7]))  # rows per block of the fused paths
-    return logits, target, weights, smoothing, reduction, block
+    return logits, target, weights, smoothing, reduction
 
 
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_finite_result_or_a_clear_value_error(name, case):
-    logits, target, weights, smoothing, reduction, block = case
-    default_block, losses._BLOCK_ELEMENTS = losses._BLOCK_ELEMENTS, block
-    try:
-        check_finite_result_or_a_clear_value_error(name, logits, target, weights, smoothing, reduction)
-    finally:
-        losses._BLOCK_ELEMENTS = default_block
+    check_finite_result_or_a_clear_value_error(name, *case)
 
 
 def check_finite_result_or_a_clear_value_error(name, logits, target, weights, smoothing, reduction):

@@ -16,13 +16,14 @@ import yaml
 
 from conftest import CONF, run_script
 from xentlit import compare
-from xentlit import losses
 from xentlit.losses import (
     LOSSES,
+    ActivePassiveLoss,
     ConfidencePenaltyLoss,
     CrossEntropyLoss,
     FocalLoss,
     GeneralizedCrossEntropyLoss,
+    LDAMLoss,
     LogitAdjustedLoss,
     Poly1Loss,
     SymmetricCrossEntropyLoss,
@@ -42,6 +43,9 @@ VARIANTS = {
     "poly1": Poly1Loss,
     "symmetric_ce": SymmetricCrossEntropyLoss,
     "generalized_ce": GeneralizedCrossEntropyLoss,
+    "nce_rce": ActivePassiveLoss,
+    "nfl_rce": ActivePassiveLoss,
+    "ldam": LDAMLoss,
 }
 
 
@@ -84,6 +88,20 @@ def hand_row(name, knobs, z, t, w, z_weight):
     elif name == "generalized_ce":  # Zhang & Sabuncu: (1 - p_y^q) / q
         y = int(t.argmax())
         loss = w[y] * (1 - p[y] ** knobs["q"]) / knobs["q"]
+    elif name in ("nce_rce", "nfl_rce"):  # Ma et al.: alpha L(t) / sum_j L(j) + beta RCE, L(j) = -(1-p_j)^g log p_j
+        active = -((1 - p) ** knobs.get("gamma", 0.0)) * lp
+        log_q = torch.log(torch.clamp(t, min=1e-4))  # the authors' clamp: log 0 := log 1e-4
+        rce = -(p * log_q).sum()
+        loss = row_w * (knobs.get("apl_alpha", 1.0) * (t * active).sum() / active.sum()
+                        + knobs.get("apl_beta", 1.0) * rce)
+    elif name == "ldam":  # Cao et al.: -log softmax(s (z - m_y e_y))_y, m_c = max_m (n_min / n_c)^(1/4)
+        counts = torch.tensor(COUNTS, dtype=torch.float64).clamp_min(1.0)
+        margins = knobs.get("max_margin", 0.5) * counts ** -0.25 / (counts ** -0.25).max()
+        margins = margins.float().to(z.dtype)  # stored as float32, as documented
+        y = int(t.argmax())
+        shifted = z - margins[y] * F.one_hot(torch.tensor(y), C).to(z.dtype)
+        _, lp_m, _ = softmax_parts(knobs.get("scale", 1.0) * shifted)
+        loss = -w[y] * lp_m[y]
     else:
         raise AssertionError(name)
     return loss + knobs.get("z_loss", 0.0) * z_weight * log_z**2
@@ -119,7 +137,7 @@ def hand_loss(name, knobs, logits, target, weights, reduction, smoothing):
 def build(name, knobs, weights=None, reduction="mean", smoothing=0.0, **extra):
     cls = CrossEntropyLoss if name == "cross_entropy" else VARIANTS[name]
     loss = cls(class_weights=weights, reduction=reduction, label_smoothing=smoothing, **knobs, **extra)
-    if isinstance(loss, LogitAdjustedLoss):
+    if isinstance(loss, (LogitAdjustedLoss, LDAMLoss)):
         loss.set_class_counts(COUNTS)
     return loss
 
@@ -157,6 +175,10 @@ CASES = [
     ("symmetric_ce", dict(sce_alpha=0.1, sce_beta=2.0, log_zero=-9.21)),
     ("generalized_ce", dict(q=0.7)),
     ("generalized_ce", dict(q=0.2)),
+    ("nce_rce", dict(apl_alpha=1.0, apl_beta=1.0)),
+    ("nfl_rce", dict(gamma=0.5, apl_alpha=2.0, apl_beta=0.5)),
+    ("ldam", dict(max_margin=0.5)),
+    ("ldam", dict(max_margin=0.8, scale=3.0)),
     ("cross_entropy", dict(z_loss=0.05)),
 ]
 COMBOS = [
@@ -175,13 +197,10 @@ def case_id(case):
     return name + "-" + "-".join(f"{k}{'A' if k == 'alpha' else v}" for k, v in knobs.items())
 
 
-@pytest.mark.parametrize("rows_per_block", [None, 2], ids=["one-block", "blocks-of-2-rows"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
-def test_value_and_gradient_match_the_paper_formula(case, rows_per_block, monkeypatch):
-    """Every option against the paper's formula; with blocks of 2 rows (of 7), the fused paths (probabilities,
-    smoothing, the confidence penalty, the z-loss) also cross block boundaries, the last block a short one."""
-    if rows_per_block is not None:
-        monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", rows_per_block * C)
+def test_value_and_gradient_match_the_paper_formula(case):
+    """Every option (weights, ignore, reductions, indices / smoothed / probabilities, z-loss) against the paper's
+    formula written out in float64: value and autograd's gradient."""
     name, knobs = case
     supports_soft = LOSSES[name].supports_soft_targets
     checked = 0
@@ -232,6 +251,7 @@ def test_spatial_dims_and_loss_terms_split_exactly(case):
 
 # ---- reductions to cross-entropy ---------------------------------------------------------------------------
 
+CE_PARAMETERS = inspect.signature(CrossEntropyLoss.__init__).parameters
 CE_LIMITS = [
     ("focal", dict(gamma=0.0)),
     ("confidence_penalty", dict(penalty=0.0)),
@@ -257,6 +277,48 @@ def test_knob_at_zero_is_cross_entropy(case, reduction):
         v_ref, g_ref = value_and_grad(ref, logits)
         torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_nfl_at_gamma_zero_is_nce_and_a_vanishing_ldam_margin_is_cross_entropy():
+    logits, target = make_inputs("index", True, seed=12)
+    nce = ActivePassiveLoss(apl_beta=0.0, class_weights=WEIGHTS, reduction="none")
+    nfl = ActivePassiveLoss(gamma=1e-12, apl_beta=0.0, class_weights=WEIGHTS, reduction="none")
+    torch.testing.assert_close(nfl(logits, target), nce(logits, target), rtol=1e-9, atol=1e-9)
+    lp = logits.log_softmax(1)  # NCE = log p_y / sum_j log p_j, by hand
+    by_hand = lp.gather(1, target.clamp_min(0)[:, None]).squeeze(1) / lp.sum(1)
+    by_hand = torch.where(target != IGNORE, by_hand * torch.tensor(WEIGHTS, dtype=torch.float64)[target.clamp_min(0)], 0)
+    torch.testing.assert_close(nce(logits, target), by_hand, **TOL)
+    ldam = LDAMLoss(max_margin=1e-12, class_weights=WEIGHTS)
+    ldam.set_class_counts(COUNTS)
+    ce = F.cross_entropy(logits, target, weight=torch.tensor(WEIGHTS, dtype=torch.float64))
+    torch.testing.assert_close(ldam(logits, target), ce, rtol=1e-9, atol=1e-9)
+
+
+def test_deferred_reweighting_switches_the_class_weights_on_at_its_epoch():
+    logits, target = make_inputs("index", True, seed=13)
+    loss = LDAMLoss(class_weights="effective_number", beta=0.9999, reweight_from_epoch=2)
+    loss.set_class_counts(COUNTS)
+    unweighted = LDAMLoss()
+    unweighted.set_class_counts(COUNTS)
+    weighted = LDAMLoss(class_weights=class_weights(COUNTS, "effective_number", 0.9999))
+    weighted.set_class_counts(COUNTS)
+    for epoch, reference in [(0, unweighted), (1, unweighted), (2, weighted), (5, weighted)]:
+        loss.set_epoch(epoch)
+        torch.testing.assert_close(loss(logits, target), reference(logits, target), rtol=0, atol=0)
+    assert not torch.equal(unweighted(logits, target), weighted(logits, target))
+    assert "reweight_from_epoch=2" in repr(loss) and loss.rebalances_classes
+    with pytest.raises(ValueError, match=r"reweight_from_epoch must be an integer >= 0, got -1"):
+        CrossEntropyLoss(reweight_from_epoch=-1)
+
+
+def test_balanced_softmax_is_logit_adjustment_with_tau_one():
+    """Balanced softmax (Ren et al. 2020): -log(n_y e^{z_y} / sum_j n_j e^{z_j}), as documented."""
+    logits, target = make_inputs("index", False, seed=14)
+    counts = torch.tensor(COUNTS, dtype=torch.float64).clamp_min(1.0)
+    balanced = -(torch.log(counts) + logits).log_softmax(1).gather(1, target[:, None]).mean()
+    loss = LogitAdjustedLoss(tau=1.0)
+    loss.set_class_counts(COUNTS)
+    torch.testing.assert_close(loss(logits, target), balanced, rtol=1e-6, atol=1e-6)  # (priors stored in float32)
 
 
 def test_z_loss_zero_is_the_fast_path_and_positive_adds_the_term():
@@ -318,6 +380,9 @@ STABLE_CASES = [
     ("poly1", dict(epsilon=1.0)),
     ("symmetric_ce", dict(sce_alpha=0.1, sce_beta=1.0)),
     ("generalized_ce", dict(q=0.3)),
+    ("nce_rce", dict(apl_alpha=1.0, apl_beta=1.0)),
+    ("nfl_rce", dict(gamma=0.5, apl_alpha=2.0, apl_beta=0.5)),
+    ("ldam", dict(max_margin=0.5)),
 ]
 
 
@@ -356,6 +421,9 @@ def test_extreme_logits_give_finite_exact_values_and_gradients(case, dtype):
         "cross_entropy": gap, "focal": gap * (ALPHA[0] if knobs.get("alpha") else 1.0),
         "confidence_penalty": gap, "logit_adjusted": gap + la_shift, "poly1": gap + 1.0,
         "symmetric_ce": 0.1 * gap + 1.0 * 4.0, "generalized_ce": 1 / 0.3,
+        # log p_y / sum_j log p_j = 1/4 (four classes at -gap, the winner at 0); RCE = -log 1e-4
+        "nce_rce": 0.25 + math.log(1e4), "nfl_rce": 2.0 * 0.25 + 0.5 * math.log(1e4),
+        "ldam": gap + 0.5 * COUNTS[0] ** -0.25,  # the label's logit lowered by its margin
     }[name] + z0
     assert per[0].item() == pytest.approx(z0, abs=1e-3 + 1e-6 * z0)  # p_y = 1: nothing left but the z term
     assert per[1].item() == pytest.approx(expected_underflow, rel=1e-6)
@@ -379,10 +447,9 @@ def test_focal_gamma_below_one_has_zero_not_nan_gradient_where_p_is_one():
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in {"focal", "confidence_penalty", "poly1",
                                                                 "symmetric_ce"}], ids=case_id)
-def test_fused_paths_give_the_same_gradient_twice_and_through_log_probs(case):
-    """The hand-differentiated functions: a retained graph's second backward (the first may reuse buffers in place)
-    and the path that returns the gradient for the log-probabilities instead of the logits (used when
-    per_sample_loss is handed log-probabilities of its own making)."""
+def test_retained_graph_and_per_sample_loss_on_given_log_probs_give_the_paper_gradient(case):
+    """A retained graph's second backward, and `per_sample_loss` called on log-probabilities of the caller's
+    making (the extension point a subclass uses), give the gradient of the paper's formula."""
     name, knobs = case
     for kind in ("index", "soft"):
         logits, target = make_inputs(kind, False, seed=3)
@@ -399,13 +466,12 @@ def test_fused_paths_give_the_same_gradient_twice_and_through_log_probs(case):
         torch.testing.assert_close(via_log_probs, first, **TOL)
 
 
-FUSED_CASES = [c for c in CASES if c[0] in {"focal", "confidence_penalty", "poly1", "symmetric_ce"}]
+FULL_DISTRIBUTION_CASES = [c for c in CASES if c[0] in {"focal", "confidence_penalty", "poly1", "symmetric_ce"}]
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
-def test_spatial_probabilities_and_smoothing_in_blocks_of_one_row_match_the_paper_formula(case, monkeypatch):
-    """(N, C, d) logits through the fused paths, one row (C x d entries) per block, z-loss included."""
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 1)
+@pytest.mark.parametrize("case", FULL_DISTRIBUTION_CASES, ids=case_id)
+def test_spatial_probabilities_and_smoothing_match_the_paper_formula(case):
+    """(N, C, d) logits with probabilities and label smoothing, z-loss included."""
     name, knobs = case
     knobs = {**knobs, "z_loss": 0.02}
     for kind, smoothing, use_w in [("soft", 0.0, True), ("index", 0.2, True), ("index", 0.1, False)]:
@@ -420,10 +486,10 @@ def test_spatial_probabilities_and_smoothing_in_blocks_of_one_row_match_the_pape
             torch.testing.assert_close(g, g_hand, **TOL)
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FULL_DISTRIBUTION_CASES, ids=case_id)
 def test_smoothing_taken_apart_equals_the_smoothed_probabilities_a_subclass_sees(case):
-    """Label smoothing reaches the built-in formulas as eps / C + (1 - eps) one_hot (no (N, C) target); a subclass
-    that overrides per_sample_loss gets the smoothed probabilities instead. Both give the same numbers."""
+    """A subclass that overrides per_sample_loss gets label-smoothed indices as smoothed probabilities, and
+    gives the built-in formula's numbers."""
     name, knobs = case
     seen = []
 
@@ -432,7 +498,6 @@ def test_smoothing_taken_apart_equals_the_smoothed_probabilities_a_subclass_sees
             seen.append(target.is_floating_point())
             return super().per_sample_loss(log_probs, target, weight)
 
-    assert LOSSES[name]._fused_soft and not Override._fused_soft
     logits, target = make_inputs("index", True, seed=8)
     for reduction in ("mean", "none"):
         fused = build(name, knobs, WEIGHTS, reduction, 0.3)
@@ -444,10 +509,10 @@ def test_smoothing_taken_apart_equals_the_smoothed_probabilities_a_subclass_sees
     assert seen == [True, True]  # the override ran, on smoothed probabilities
 
 
-@pytest.mark.parametrize("case", FUSED_CASES + [("cross_entropy", dict(z_loss=0.05))], ids=case_id)
-def test_fused_paths_are_twice_differentiable_and_need_no_graph_without_grad(case):
-    """Double backward (gradgradcheck, create_graph=True) through the hand-differentiated paths, and a forward
-    under no_grad (which skips their gradient work) that gives the same values."""
+@pytest.mark.parametrize("case", FULL_DISTRIBUTION_CASES + [("cross_entropy", dict(z_loss=0.05))], ids=case_id)
+def test_variants_are_twice_differentiable_and_need_no_graph_without_grad(case):
+    """Double backward (gradgradcheck, create_graph=True), and a forward under no_grad that gives the same
+    values without a graph."""
     name, knobs = case
     for kind, smoothing in [("soft", 0.0), ("index", 0.2), ("index", 0.0)]:
         logits, target = make_inputs(kind, False, seed=9, n=4)
@@ -461,8 +526,7 @@ def test_fused_paths_are_twice_differentiable_and_need_no_graph_without_grad(cas
 
 
 @pytest.mark.parametrize("name", [n for n, cls in VARIANTS.items() if cls.supports_soft_targets])
-def test_variants_check_probability_targets_in_every_block(name, monkeypatch):
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 2 * C)  # the bad row is in the last block
+def test_variants_check_probability_targets_in_every_row(name):
     loss = build(name, {})
     logits, target = make_inputs("soft", False, seed=10)
     loss(logits, target)
@@ -636,6 +700,11 @@ def test_happy_path_reads_the_host_at_most_once(monkeypatch):
 # ---- configs -----------------------------------------------------------------------------------------------
 
 
+# The presets: a registered class with some options set (each of these keys differs from the constructor's default).
+PRESETS = {("class_balanced", "class_weights"), ("nfl_rce", "gamma"), ("ldam_drw", "class_weights"),
+           ("ldam_drw", "beta"), ("ldam_drw", "reweight_from_epoch")}
+
+
 def test_every_registered_loss_has_a_config_with_the_constructor_defaults():
     for name, cls in LOSSES.items():
         path = CONF / "loss" / f"{name}.yaml"
@@ -654,10 +723,14 @@ def test_every_registered_loss_has_a_config_with_the_constructor_defaults():
         assert set(node) - {"defaults", "_target_"} <= set(signature) - {"self"}, name
         assert set(signature) - base <= set(node), name  # every knob of the variant is spelled out
         for key, value in node.items():
-            if key in {"defaults", "_target_", "ignore_index"} or (name, key) == ("class_balanced", "class_weights"):
+            if key in {"defaults", "_target_", "ignore_index"} or (name, key) in PRESETS:
                 continue
             assert value == signature[key].default, (name, key)
     assert yaml.safe_load((CONF / "loss" / "class_balanced.yaml").read_text())["class_weights"] == "effective_number"
+    for name, key in PRESETS:  # each preset really sets its key
+        node = yaml.safe_load((CONF / "loss" / f"{name}.yaml").read_text())
+        own = inspect.signature(LOSSES[name].__init__).parameters
+        assert node[key] != (own[key] if key in own else CE_PARAMETERS[key]).default, (name, key)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -726,6 +799,10 @@ def test_experiment_presets(compose, tmp_path, experiment, key, value):
 # ---- scripts -----------------------------------------------------------------------------------------------
 
 
+def rows_name(row):
+    return row.split(" + ")[0]
+
+
 def test_bench_quick_prints_a_row_per_loss(tmp_path):
     result = run_script("bench_losses.py", "--quick", cwd=tmp_path, timeout=120)
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines()
@@ -733,7 +810,7 @@ def test_bench_quick_prints_a_row_per_loss(tmp_path):
     assert set(LOSSES) | {"cross_entropy + z_loss=1e-4"} == set(rows)
     for name, line in rows.items():
         ratios = [float(r) for r in re.findall(r"(\d+\.\d+)x \[\d+\.\d+\] \(", line)]
-        expected = 2 if name == "generalized_ce" else 4  # GCE: class indices only
+        expected = 4 if LOSSES[rows_name(name)].supports_soft_targets else 2  # GCE, LDAM: class indices only
         assert len(ratios) == expected and all(r > 0 for r in ratios), line  # values are for the README, not tests
     assert rows["generalized_ce"].count("n/a (indices only)") == 2
 
@@ -744,8 +821,32 @@ def test_bench_only_times_the_matching_cells(tmp_path):
     assert "system malloc defaults" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| loss")]
     assert len(rows) == 1 and rows[0].startswith("| focal |")
-    cells = [cell.strip() for cell in rows[0].split("|")[3:-1]]
+    cells = [cell.strip() for cell in rows[0].split("|")[2:-1]]
     assert cells[:3] == ["-", "-", "-"] and re.match(r"\d+\.\d+x \[", cells[3])
+
+
+@pytest.mark.slow
+def test_compiled_loss_matches_eager_and_the_benchmark_reports_it():
+    """compile=True runs the same formula through torch.compile (smoothing, weights, ignored rows, a second batch
+    size): eager's value and gradient to float32 rounding; the loss benchmark times it and shows its compile time."""
+    from xentlit.loss_benchmark import markdown, run
+
+    logits, target = make_inputs("index", True, seed=11, n=16, dtype=torch.float32)
+    kwargs = dict(gamma=2.0, class_weights=WEIGHTS, label_smoothing=0.1, z_loss=0.01)
+    eager, compiled = FocalLoss(**kwargs), FocalLoss(**kwargs, compile=True)
+    assert "compile=True" in repr(compiled)
+    for rows in (16, 9):
+        want = value_and_grad(eager(logits[:rows], target[:rows]), logits)
+        got = value_and_grad(compiled(logits[:rows], target[:rows]), logits)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert compiled._compiled is not None and eager._compiled is None
+    with pytest.raises(ValueError, match="class indices outside"):  # validation stays outside the compiled part
+        compiled(logits[:2], torch.tensor([0, 7]))
+    cells = run(32, 5, reps=1, warmup=0, inner=1, only=["^focal plain"], compile=True)
+    assert [(c["row"], c["setting"]) for c in cells] == [("focal", "plain")]
+    assert cells[0]["compile_s"] > 0 and cells[0]["compiled_ratio"] > 0
+    assert re.search(r"\| focal \| \d+\.\d+x \[\d+\.\d+\] \([^)]*\); compiled \d+\.\d+x, \d+ s \| - \| - \| - \|",
+                     markdown(cells, 32, 5, 1, 1))
 
 
 def test_compare_quick_writes_csv_table_and_plot(tmp_path):
@@ -805,8 +906,8 @@ def test_an_ignore_index_inside_the_class_range_drops_exactly_its_rows(name, opt
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(40, 4, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.arange(40) % 4  # every class, class 2 ignored
-    if name == "generalized_ce" and "label_smoothing" in options:
-        pytest.skip("generalised CE takes class indices only, without smoothing")
+    if not LOSSES[name].supports_soft_targets and "label_smoothing" in options:
+        pytest.skip(f"{name} takes class indices only, without smoothing")
     ignored = LOSSES[name](ignore_index=2, reduction=reduction, **options)
     kept = LOSSES[name](ignore_index=-100, reduction=reduction, **options)
     for loss in (ignored, kept):

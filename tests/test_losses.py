@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from xentlit import losses
 from xentlit.losses import (
     WEIGHT_STRATEGIES,
     CrossEntropyLoss,
@@ -102,12 +101,8 @@ def combo_id(combo):
     )
 
 
-@pytest.mark.parametrize("rows_per_block", [None, 1], ids=["one-block", "blocks-of-1-row"])
 @pytest.mark.parametrize("combo", COMBOS, ids=[combo_id(c) for c in COMBOS])
-def test_every_option_matches_torch_and_hand_formula(combo, rows_per_block, monkeypatch):
-    """With blocks of one row, the fused path of probability targets works across block boundaries."""
-    if rows_per_block is not None:
-        monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 1)
+def test_every_option_matches_torch_and_hand_formula(combo):
     use_w, ignore_some, reduction, ls, soft, spatial = combo
     logits, target = make_inputs(spatial, soft, ignore_some)
     weight = torch.tensor(WEIGHTS, dtype=torch.float64) if use_w else None
@@ -245,8 +240,7 @@ def test_probability_targets_twice_differentiable_retained_graph_and_target_grad
         torch.testing.assert_close(got, want, **TOL64)
 
 
-def test_probability_targets_are_checked_in_every_block(monkeypatch):
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 2 * C)  # the bad rows are in the last blocks
+def test_probability_targets_are_checked_in_every_row():
     logits, target = make_inputs(False, True, False, seed=5)
     for loss in (CrossEntropyLoss(), CrossEntropyLoss(WEIGHTS), cross_entropy):
         loss(logits, target)

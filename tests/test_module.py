@@ -356,3 +356,23 @@ def test_plateau_under_steps_per_execution_steps_on_the_monitored_metric():
     final = trainer.optimizers[0].param_groups[0]["lr"]
     assert final == pytest.approx(replay(history["val/nll"]), rel=1e-12)
     assert replay(history["val/acc"]) != pytest.approx(final)  # the test tells the metrics apart
+
+
+def test_deferred_reweighting_follows_the_trainers_epochs():
+    """loss.reweight_from_epoch: the module tells the loss each epoch, so the class weights apply from that
+    epoch on, in training and in the validation that follows it."""
+    from xentlit.losses import LDAMLoss
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    loss = LDAMLoss(class_weights=[1.0, 3.0, 0.5], reweight_from_epoch=2)
+    loss.set_class_counts([20.0, 15.0, 5.0])
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append((trainer.current_epoch, pl_module.loss._resolve_weight() is not None))
+
+    module = XentModule(MLP(5, 3, hidden_sizes=[8]), loss=loss, steps_per_execution=1)
+    _trainer(max_epochs=4, callbacks=[Record()]).fit(module, _loader(x, y), _loader(x, y))
+    assert seen == [(0, False), (1, False), (2, True), (3, True)]

@@ -3,10 +3,12 @@
 from xentlit.callbacks import ConvergenceDoctor
 from xentlit.data import DigitsDataModule, FileDataModule, SyntheticDataModule, TensorBatchDataset, TensorDataModule
 from xentlit.losses import (
+    ActivePassiveLoss,
     ConfidencePenaltyLoss,
     CrossEntropyLoss,
     FocalLoss,
     GeneralizedCrossEntropyLoss,
+    LDAMLoss,
     LogitAdjustedLoss,
     Poly1Loss,
     SymmetricCrossEntropyLoss,
@@ -21,10 +23,12 @@ __all__ = [
     "MLP",
     "PlotCallback",
     "ConvergenceDoctor",
+    "ActivePassiveLoss",
     "ConfidencePenaltyLoss",
     "CrossEntropyLoss",
     "FocalLoss",
     "GeneralizedCrossEntropyLoss",
+    "LDAMLoss",
     "LogitAdjustedLoss",
     "Poly1Loss",
     "SymmetricCrossEntropyLoss",

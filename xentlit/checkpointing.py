@@ -6,12 +6,15 @@
 - :class:`ModelCheckpoint`: Lightning's, except that ``save_last`` rewrites ``last.ckpt`` at the end of every epoch
   (Lightning 2.6 rewrites it only when a top-k checkpoint is saved, so with ``save_top_k=1`` it held the best epoch,
   and ``resume=`` re-trained the epochs after it).
+- :func:`check_checkpoint_fits`, :func:`rng_state`, :func:`restore_rng_state`: what :class:`~xentlit.XentModule`
+  checks in and adds to its checkpoints (the model's shapes, the global RNG for a bitwise-identical resume).
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,10 +22,11 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import callbacks
+from torch import Tensor
 
 from xentlit.atomic import atomic_path
 
-__all__ = ["AtomicCheckpointIO", "ModelCheckpoint"]
+__all__ = ["AtomicCheckpointIO", "ModelCheckpoint", "check_checkpoint_fits", "restore_rng_state", "rng_state"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -77,3 +81,33 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         """Write ``last.ckpt`` unless this step already wrote a checkpoint (then Lightning wrote it too)."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def check_checkpoint_fits(own: Mapping[str, Tensor], saved: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the mismatched tensors when a checkpoint belongs to another data shape."""
+    mismatched = [
+        f"{key}: checkpoint {tuple(saved[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in own.items()
+        if key in saved and isinstance(saved[key], Tensor) and saved[key].shape != value.shape
+        and not key.endswith("loss.weight")  # a pending class-weight strategy is filled from the checkpoint
+    ]
+    if mismatched:
+        raise ValueError(
+            "the checkpoint does not fit this model: it was trained with a different number of input features "
+            "or classes (or another network). Mismatched tensors: " + "; ".join(mismatched[:4])
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch, and CUDA once initialised): they drive shuffling and dropout."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states (CUDA's only onto as many devices as it was taken from)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

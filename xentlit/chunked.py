@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xentlit.losses import _check_number, _safe_mean
+from xentlit.losses.base import safe_mean as _safe_mean
+from xentlit.losses.checks import check_number as _check_number
 
 __all__ = [
     "ChunkedLinearCrossEntropy",

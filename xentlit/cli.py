@@ -6,18 +6,15 @@ LightningModule, callbacks, loggers and a Trainer; then fit, then test of the be
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import inspect
 import json
 import math
-import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +23,39 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from xentlit.atomic import atomic_path, write_atomic
 from xentlit.checkpointing import AtomicCheckpointIO
 from xentlit.commands import command_line
-from xentlit.console import ModelSummary, say, show_table
-from xentlit.plain import to_plain
-from xentlit.trust import check_no_interpolation, check_targets
-
-METRICS_FILE = "metrics.json"
-RUN_INFO_KEY = "xentlit"
+from xentlit.console import ModelSummary, say
+from xentlit.launch import _distributed_job, _one_tracker_run_per_job
+from xentlit.prediction import _label_metrics, _prediction_inputs
+from xentlit.run_checkpoints import (  # noqa: F401
+    RUN_INFO_KEY,
+    RunInfoInCheckpoint,
+    _best_epoch,
+    _resume_checkpoint,
+    _stored_config,
+    load_checkpoint,
+    run_info,
+)
+from xentlit.run_status import (  # noqa: F401
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    METRICS_FILE,
+    SCHEMA_FILE,
+    _configured_run_dir,
+    _diverged,
+    _in_sweep,
+    _interrupted,
+    _report_schema,
+    _write_status,
+    _write_summary,
+)
+from xentlit.trust import check_targets
 
 
 def _instantiate_group(node: DictConfig | None) -> list[Any]:
@@ -149,109 +166,6 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     return datamodule, module, build_trainer(cfg, extra_callbacks=(RunInfoInCheckpoint(resolved),))
 
 
-class RunInfoInCheckpoint(Callback):
-    """Stores the resolved run config, the class names and the input statistics in every checkpoint,
-    so that a checkpoint alone rebuilds its model (``scripts/eval.py``, ``scripts/predict.py``)."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        datamodule = trainer.datamodule
-        info: dict[str, Any] = {"config": self.config}
-        if datamodule is not None:
-            info["class_names"] = [str(c) for c in getattr(datamodule, "class_names", []) or []]
-            info["num_features"] = getattr(datamodule, "num_features", None)
-            info["categorical_cardinalities"] = list(getattr(datamodule, "categorical_cardinalities", []) or [])
-            for name in ("feature_mean", "feature_std"):
-                value = getattr(datamodule, name, None)
-                if isinstance(value, torch.Tensor):
-                    info[name] = value.detach().cpu()
-            preprocessor = getattr(datamodule, "preprocessor", None)
-            if preprocessor is not None:
-                info["tabular"] = preprocessor.state_dict()
-        checkpoint[RUN_INFO_KEY] = to_plain(info)
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        """Resuming a fit: the CSV log forgets what the interrupted run logged after this checkpoint."""
-        if trainer.state.fn == "fit" and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if hasattr(logger, "forget_after_epoch"):
-                    logger.forget_after_epoch(int(checkpoint.get("epoch", 0)))
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU (weights only), with a clear error for missing or damaged files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated zips and pickles
-        raise ValueError(
-            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(err).__name__}: {err}); "
-            "use another checkpoint of the run (e.g. last.ckpt or the best one)"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
-    return checkpoint
-
-
-def run_info(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """The run information that :class:`RunInfoInCheckpoint` stored in ``checkpoint``."""
-    info = checkpoint.get(RUN_INFO_KEY)
-    if not info:
-        raise ValueError(f"{path} was not written by xentlit's training script: it holds no run config")
-    return info
-
-
-def _stored_config(checkpoint: dict[str, Any], cfg: DictConfig) -> DictConfig:
-    """The run config stored in a checkpoint, its parts that get built checked against the trusted targets."""
-    stored = run_info(checkpoint, cfg.ckpt_path)["config"]
-    if not isinstance(stored, dict):
-        raise ValueError(f"{cfg.ckpt_path}: the stored run config is not a mapping")
-    built = {key: stored.get(key) for key in ("data", "model", "loss", "optimizer", "scheduler", "module")}
-    check_no_interpolation(built, f"checkpoint {cfg.ckpt_path}")
-    check_targets(built, f"checkpoint {cfg.ckpt_path}", cfg.get("trust_targets") or ())
-    return OmegaConf.create(built)
-
-
-# What Lightning's DDP launcher writes into the launching process's environment.
-_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-@contextmanager
-def _distributed_job() -> Iterator[None]:
-    """Leave no DDP state behind, so the next job of a ``-m`` sweep launches its own processes.
-
-    Lightning's launcher sets ``LOCAL_RANK`` (and friends) in the launching process, which would make the
-    next job believe an external launcher created its processes; the process group is also left open.
-    """
-    saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
-    try:
-        yield
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
-def _one_tracker_run_per_job() -> Iterator[None]:
-    """Finish the W&B run when the job ends, also on an error: W&B keeps one global run per process and
-    Lightning's WandbLogger reuses it, so later jobs of a -m sweep would log into the first job's run."""
-    try:
-        yield
-    finally:
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish()
-
-
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
     with _distributed_job(), _one_tracker_run_per_job():
@@ -264,11 +178,6 @@ def train(cfg: DictConfig) -> float | None:
             where = getattr(err, "filename", None) or run_dir
             raise SystemExit(f"xentlit: no space left on the device writing {where}; the checkpoints written before are "
                              f"intact. Free space, then continue with: {command_line('train.py')} resume={run_dir}") from None
-
-
-# Exit statuses of a run that did not complete (a failed run exits 1, with its error).
-EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def _train(cfg: DictConfig) -> float | None:
@@ -345,14 +254,6 @@ def _final_validation(trainer: pl.Trainer, module: Any, datamodule: Any) -> dict
     return metrics
 
 
-def _configured_run_dir(cfg: DictConfig) -> Path | None:
-    """The run directory Hydra made for this run (None outside a Hydra job)."""
-    try:
-        return Path(cfg.paths.output_dir).resolve()
-    except Exception:
-        return None
-
-
 def _fit(cfg: DictConfig, trainer: pl.Trainer, module: Any, datamodule: Any, run_dir: Path, started: float) -> None:
     """``trainer.fit``; a SIGTERM or Ctrl-C ends the run with its status recorded and the resume command printed."""
     from lightning.pytorch.trainer.states import TrainerStatus
@@ -366,106 +267,6 @@ def _fit(cfg: DictConfig, trainer: pl.Trainer, module: Any, datamodule: Any, run
         if trainer.state.status == TrainerStatus.INTERRUPTED:
             _interrupted(run_dir, started, "SIGINT", EXIT_INTERRUPTED)
         raise
-
-
-def _interrupted(run_dir: Path | None, started: float, signal_name: str, code: int) -> None:
-    if run_dir is not None:
-        _write_status(run_dir, "interrupted", started, error=f"stopped by {signal_name}")
-        rank_zero_info(f"xentlit: run interrupted by {signal_name}. Continue with: {command_line('train.py')} "
-                       f"resume={run_dir}")
-    raise SystemExit(code) from None
-
-
-@rank_zero_only
-def _write_status(run_dir: Path, status: str, started: float, error: str) -> None:
-    """``metrics.json`` of a run that did not complete: how it ended and why, so it never looks like a finished one
-    (best effort: on a full disk this write fails too, and the run's own error is what matters)."""
-    with contextlib.suppress(OSError):
-        _write_status_file(run_dir, status, started, error)
-
-
-def _write_status_file(run_dir: Path, status: str, started: float, error: str) -> None:
-    write_atomic(run_dir / METRICS_FILE, json.dumps({
-        "status": status, "error": error, "metrics": {}, "run_dir": str(run_dir),
-        "wall_time_s": round(time.perf_counter() - started, 3)}, indent=2, sort_keys=True) + "\n")
-
-
-def _diverged(trainer: pl.Trainer) -> bool:
-    """Whether a callback (the convergence doctor) stopped the fit because training diverged."""
-    return any(getattr(callback, "stopped_on_divergence", False) for callback in trainer.callbacks)
-
-
-def _in_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-SCHEMA_FILE = "schema.json"
-
-
-@rank_zero_only
-def _report_schema(datamodule: Any, run_dir: Path) -> None:
-    """Print the table schema the datamodule inferred and store it in the run directory (``schema.json``)."""
-    preprocessor = getattr(datamodule, "preprocessor", None)
-    if preprocessor is None:
-        return
-    rank_zero_info(f"Columns of {getattr(datamodule, 'path', 'the table')} (role, why):\n{preprocessor.describe()}")
-    write_atomic(run_dir / SCHEMA_FILE, json.dumps(preprocessor.state_dict(), indent=2) + "\n")
-
-
-def _resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint ``fit`` starts from: ``ckpt_path`` if given, else ``resume``'s last.ckpt, checked first."""
-    ckpt_path = cfg.get("ckpt_path")
-    if cfg.get("resume") and not ckpt_path:
-        return _newest_valid_checkpoint(Path(cfg.resume) / "checkpoints", f"resume={cfg.resume}")
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-        load_checkpoint(ckpt_path)  # a clear error for a missing or damaged file, before Lightning's own
-    return ckpt_path
-
-
-def _newest_valid_checkpoint(folder: Path, what: str) -> str:
-    """``last.ckpt`` of ``folder``, or, when it is missing or damaged, the readable checkpoint of the latest step
-    (and a line saying so)."""
-    last = folder / "last.ckpt"
-    try:
-        load_checkpoint(last)
-        return str(last)
-    except (FileNotFoundError, ValueError) as err:
-        problem = str(err).split(" (")[0]
-    candidates = []
-    for path in sorted(folder.glob("*.ckpt")) if folder.is_dir() else []:
-        if path != last:
-            try:
-                checkpoint = load_checkpoint(path)
-            except ValueError:
-                continue
-            candidates.append((int(checkpoint.get("global_step", -1)), int(checkpoint.get("epoch", -1)), path))
-    if not candidates:
-        raise FileNotFoundError(f"{what}: no readable checkpoint to resume from in {folder} ({problem})")
-    step, epoch, path = max(candidates)
-    rank_zero_info(f"{what}: {problem}; resuming from {path.name} instead (epoch {epoch}, step {step})")
-    return str(path)
-
-
-def _best_epoch(trainer: pl.Trainer) -> int | None:
-    path = getattr(trainer.checkpoint_callback, "best_model_path", "")
-    if not path:
-        return None
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except (OSError, KeyError, RuntimeError):
-        return None
-
-
-@rank_zero_only
-def _write_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """Write ``metrics.json`` in the run directory and show the final table (rank 0 only)."""
-    write_atomic(run_dir / METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    rows = [(name, f"{value:.4f}") for name, value in sorted(summary["metrics"].items()) if name.startswith("test/")]
-    rows += [(key, str(value)) for key, value in summary.items() if key != "metrics"]
-    show_table("xentlit: final metrics", ("metric", "value"), rows, right_aligned=(1,))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -536,72 +337,6 @@ def predict(cfg: DictConfig) -> Path:
         say("metrics on the rows with a known label: " + ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     return output
-
-
-def _prediction_inputs(cfg: DictConfig, run_cfg: DictConfig, info: dict[str, Any], label_column: str) -> tuple:
-    """``(features, columns to copy through or None, raw labels or None)`` of the prediction input file."""
-    import numpy as np
-    import pandas as pd
-
-    from xentlit.data import read_table
-    from xentlit.data.files import read_frame
-    from xentlit.data.tabular import TabularPreprocessor
-
-    if info.get("tabular"):
-        preprocessor = TabularPreprocessor.from_state_dict(info["tabular"])
-        frame = read_frame(cfg.input, label_column)
-        x = preprocessor.transform(frame, source=str(cfg.input))
-        inputs = {c.name for c in preprocessor.columns_ if c.role != "dropped"}
-        keep = [c for c in frame.column_names if c not in inputs]
-        passthrough = pd.DataFrame({c: frame[c] for c in keep}) if keep else None
-        labels = np.asarray(frame[label_column]) if label_column in frame else None
-        return torch.from_numpy(x), passthrough, labels
-    num_features = int(info["num_features"])
-    x, labels = read_table(cfg.input, label_column=label_column,
-                           feature_columns=run_cfg.get("data", {}).get("feature_columns"), require_label=False)
-    if x.ndim != 2 or x.shape[1] != num_features:
-        raise ValueError(
-            f"{cfg.input} has {x.shape[1] if x.ndim == 2 else x.shape} feature columns but the model in "
-            f"{cfg.ckpt_path} was trained on {num_features}"
-        )
-    if not np.isfinite(x).all():
-        row, col = map(int, np.argwhere(~np.isfinite(x))[0])
-        raise ValueError(f"{cfg.input} has non-finite features, first at row {row}, column {col}")
-    features = torch.as_tensor(x, dtype=torch.float32)
-    if "feature_mean" in info:
-        features = (features - info["feature_mean"].float()) / info["feature_std"].float()
-    return features, None, labels
-
-
-def _label_metrics(labels: Any, logits: torch.Tensor, class_names: list[str], label_column: str,
-                   source: str) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1 and NLL over the rows whose label is one of the model's classes."""
-    import pandas as pd
-    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_recall
-
-    from xentlit.data.tabular import _category_keys
-
-    keys = _category_keys(pd.Series(labels))  # as the class names were made: 3.0 and "3" are class "3"
-    codes = pd.Index(class_names).get_indexer(keys)  # -1: missing or not a class of the model
-    known = codes >= 0
-    result: dict[str, Any] = {"rows": int(len(codes)), "rows_with_known_label": int(known.sum())}
-    unknown = keys[(~known) & keys.notna().to_numpy()]
-    if len(unknown):
-        result["unknown_labels"] = sorted(set(unknown.tolist()))[:10]
-        say(f"{len(unknown)} row(s) of {source} have a {label_column!r} the model does not know "
-              f"(e.g. {unknown.iloc[0]!r}); metrics leave them out")
-    if not known.any():
-        return result
-    target = torch.as_tensor(codes[known], dtype=torch.long)
-    out = logits[torch.as_tensor(known)]
-    c = len(class_names)
-    result.update({
-        "acc": float(multiclass_accuracy(out, target, c, average="micro")),
-        "balanced_acc": float(multiclass_recall(out, target, c, average="macro")),
-        "f1_macro": float(multiclass_f1_score(out, target, c, average="macro")),
-        "nll": float(torch.nn.functional.cross_entropy(out.double(), target)),
-    })
-    return result
 
 
 if __name__ == "__main__":  # `python -m xentlit.cli <command> ...` is `python -m xentlit <command> ...`

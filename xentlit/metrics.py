@@ -1,4 +1,5 @@
-"""Lean torchmetrics metrics for the per-step training path (in-place state updates, no host sync).
+"""The module's metrics: which ones each stage tracks, computing them once per epoch, and lean torchmetrics
+metrics for the per-step training path (in-place state updates, no host sync).
 
 A torchmetrics ``Metric`` assigns its states with ``self.state += ...``, and every assignment goes through
 ``nn.Module.__setattr__``; ``MulticlassAccuracy`` also keeps five per-class counters. On a small network that is
@@ -12,7 +13,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric, Metric
+from torch.nn import functional as F
+from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
 
 
 class WeightedMean(MeanMetric):
@@ -64,3 +72,46 @@ class RunningAccuracy(Metric):
 
     def compute(self) -> Tensor:
         return self.correct / self.total.clamp_min(1)
+
+
+def stage_metrics(stage: str, num_classes: int, ignore_index: int, ece_bins: int) -> MetricCollection:
+    """The metrics of ``stage`` (``"train"``, ``"val"`` or ``"test"``), their keys prefixed ``"{stage}/"``.
+
+    Training tracks accuracy only, with a lean in-place counter, and receives the logits; evaluation tracks
+    accuracy, macro-F1, balanced accuracy and ECE, and receives probabilities.
+    """
+    if stage == "train":
+        return MetricCollection({"acc": RunningAccuracy(ignore_index=ignore_index)}, prefix="train/")
+    common = {"num_classes": num_classes, "ignore_index": ignore_index, "validate_args": False}
+    metrics: dict[str, Metric] = {
+        "acc": MulticlassAccuracy(average="micro", **common),
+        "f1_macro": MulticlassF1Score(average="macro", **common),
+        "balanced_acc": MulticlassRecall(average="macro", **common),
+        "ece": MulticlassCalibrationError(n_bins=ece_bins, **common),
+    }
+    return MetricCollection(metrics, prefix=f"{stage}/")
+
+
+def compute_epoch_metrics(
+    stage: str, loss: Metric, metrics: MetricCollection, nll: Metric | None = None
+) -> dict[str, Tensor]:
+    """``{"{stage}/loss": ..., **metrics, "{stage}/nll": ...}`` computed (synced across DDP ranks by torchmetrics)
+    and reset; empty when nothing was updated this epoch."""
+    if not loss.update_called:
+        return {}
+    values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
+    loss.reset()
+    metrics.reset()
+    if nll is not None:
+        values[f"{stage}/nll"] = nll.compute()
+        nll.reset()
+    return values
+
+
+def mean_nll(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """``(mean, rows)``: the plain cross-entropy of ``logits`` (no weights, smoothing or variant) over the rows
+    not ignored, for a :class:`WeightedMean` (rows as the weight). Probability targets count every row."""
+    rows = torch.tensor(len(target), device=target.device) if target.is_floating_point() else (
+        target != ignore_index).sum()
+    nll = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return nll / rows.clamp_min(1), rows

@@ -10,31 +10,28 @@ Override points for subclasses (each small, each with a default):
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from torch import Tensor, nn
-from torch.nn import functional as F
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassF1Score,
-    MulticlassRecall,
-)
 
+from xentlit import execution
+from xentlit.calibration import Calibrator
+from xentlit.checkpointing import check_checkpoint_fits, restore_rng_state, rng_state
+from xentlit.execution import AUTO_STEPS_PER_EXECUTION, groups_batches
 from xentlit.losses import CrossEntropyLoss
-from xentlit.metrics import RunningAccuracy, WeightedMean
+from xentlit.metrics import WeightedMean, compute_epoch_metrics, mean_nll, stage_metrics
+from xentlit.optimization import OptimizerFactory, build_optimizers, check_scheduler_config, step_scheduler
 from xentlit.plain import make_hparams_plain
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+__all__ = ["AUTO_STEPS_PER_EXECUTION", "NORMALIZATIONS", "OptimizerFactory", "STAGES", "XentModule"]
+
 NORMALIZATIONS = ("auto", "local", "global")
 STAGES = ("train", "val", "test")
-AUTO_STEPS_PER_EXECUTION = 8
 
 
 class XentModule(LightningModule):
@@ -55,17 +52,12 @@ class XentModule(LightningModule):
             batch; ``"auto"`` picks global whenever world size > 1 or accumulation > 1.
         ece_bins: number of bins of the expected calibration error.
         compile: compile the network with ``torch.compile`` (in place: checkpoints keep plain keys).
-        steps_per_execution: optimiser steps per Lightning step, as Keras' ``steps_per_execution``. For small
-            networks Lightning's per-step overhead (hooks, closure, progress bar) costs as much as the step
-            itself; running k optimiser steps per Lightning step amortises it. With a xentlit datamodule the
-            optimiser batches are exactly those of k=1 (same rows, same order, same number of steps: the
-            datamodule serves k batches at once and the module steps through them), so the trained model is the
-            same. With another dataloader each batch is split into k near-equal slices. Schedulers, ``max_steps``,
-            loss normalisation, metrics and checkpoints behave as with 1; the progress bar and per-batch
-            callback hooks see groups of k batches. ``"auto"`` (default) uses 8 where that changes nothing else:
-            one process, a xentlit datamodule, no accumulation or Trainer gradient clipping, and no setting that
-            counts training batches (``limit_train_batches``, ``overfit_batches``, ``fast_dev_run``,
-            ``val_check_interval``, step-based checkpoints); otherwise 1.
+        steps_per_execution: optimiser steps per Lightning step, as Keras' ``steps_per_execution``; the same
+            trained model with less of Lightning's per-step overhead. ``"auto"`` (default) uses 8 where that
+            changes nothing else, otherwise 1; see :mod:`xentlit.execution`.
+        calibration: the post-hoc calibration the ``calibrator`` submodule holds (``"none"``, ``"temperature"``,
+            ``"vector"``; see :mod:`xentlit.calibration`): fitted after training on the validation split, stored
+            with the weights, applied by ``eval`` and ``predict`` to the probabilities. ``forward`` stays raw.
     """
 
     def __init__(
@@ -79,28 +71,12 @@ class XentModule(LightningModule):
         ece_bins: int = 15,
         compile: bool = False,
         steps_per_execution: int | str = "auto",
+        calibration: str = "none",
     ) -> None:
         super().__init__()
-        if steps_per_execution != "auto" and (
-            not isinstance(steps_per_execution, int) or isinstance(steps_per_execution, bool) or steps_per_execution < 1
-        ):
-            raise ValueError(f"steps_per_execution must be 'auto' or an int >= 1, got {steps_per_execution!r}")
-        if steps_per_execution not in ("auto", 1) and scheduler and scheduler.get("frequency", 1) != 1:
-            raise ValueError("steps_per_execution > 1 steps the scheduler itself and needs scheduler frequency 1")
-        if loss_normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss_normalization must be one of {NORMALIZATIONS}, got {loss_normalization!r}")
-        num_classes = num_classes if num_classes is not None else getattr(net, "num_classes", None)
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"num_classes must be an int >= 2 (pass it, or give the net a `num_classes` attribute), got {num_classes!r}"
-            )
-        if scheduler is not None and not isinstance(scheduler, Mapping):
-            raise ValueError(
-                "scheduler must be a Lightning lr-scheduler config mapping with a 'scheduler' factory, "
-                f"got {type(scheduler).__name__}"
-            )
-        if scheduler is not None and scheduler and not callable(scheduler.get("scheduler")):
-            raise ValueError(f"scheduler['scheduler'] must be a factory taking the optimizer, got {scheduler!r}")
+        execution.check_steps_per_execution(steps_per_execution, scheduler)
+        num_classes = _checked_num_classes(net, num_classes, loss_normalization)
+        check_scheduler_config(scheduler)
         # Modules and factories are passed in, not pickled into hparams: checkpoints stay loadable with
         # weights_only=True and hparams.yaml stays readable.
         self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"])
@@ -117,6 +93,7 @@ class XentModule(LightningModule):
         # Plain cross-entropy of the predictions (no class weights, smoothing or loss variant): the validation
         # score that model selection can trust whatever the training loss rewards.
         self.val_nll, self.test_nll = WeightedMean(), WeightedMean()
+        self.calibrator = Calibrator(calibration)  # fitted after training (xentlit.posthoc); forward stays raw
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints, so a resumed run keeps its best so far
         # Not a buffer: DDP would broadcast rank 0's value over every rank's own running sum.
@@ -148,30 +125,17 @@ class XentModule(LightningModule):
         """Metrics per stage, updated with ``(preds, hard_target)`` every step and computed once per epoch.
 
         Training tracks accuracy only, with a lean in-place counter, and its metrics receive the logits;
-        evaluation tracks everything and receives probabilities.
+        evaluation tracks everything and receives probabilities (see :func:`xentlit.metrics.stage_metrics`).
         """
-        if stage == "train":
-            return MetricCollection({"acc": RunningAccuracy(ignore_index=self.ignore_index)}, prefix="train/")
-        common = {"num_classes": self.num_classes, "ignore_index": self.ignore_index, "validate_args": False}
-        metrics: dict[str, Any] = {"acc": MulticlassAccuracy(average="micro", **common)}
-        if stage != "train":
-            metrics["f1_macro"] = MulticlassF1Score(average="macro", **common)
-            metrics["balanced_acc"] = MulticlassRecall(average="macro", **common)
-            metrics["ece"] = MulticlassCalibrationError(n_bins=self.hparams.ece_bins, **common)
-        return MetricCollection(metrics, prefix=f"{stage}/")
+        return stage_metrics(stage, self.num_classes, self.ignore_index, self.hparams.ece_bins)
 
     # ------------------------------------------------------------------------------------ set-up helpers
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._setup_execution()
         if getattr(self.loss, "needs_class_counts", False):
-            counts = getattr(self.trainer.datamodule, "class_counts", None) if self._trainer is not None else None
-            if counts is None:
-                raise RuntimeError(
-                    f"loss class_weights={self.loss.class_weights!r} is computed from the training labels, but the "
-                    "datamodule exposes no `class_counts`; call `loss.set_class_counts(counts)` before training"
-                )
-            self.loss.set_class_counts(torch.as_tensor(counts))
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            self.loss.set_class_counts(_class_counts(self.loss, datamodule))
 
     @property
     def automatic_optimization(self) -> bool:
@@ -191,52 +155,20 @@ class XentModule(LightningModule):
             return 1 if requested == "auto" else requested
         datamodule = getattr(trainer, "datamodule", None)
         if self._execution is None or self._execution[0] is not trainer or self._execution[1] is not datamodule:
-            self._execution = (trainer, datamodule, *self._resolve_steps_per_execution(trainer, datamodule))
+            resolved = execution.resolve_steps_per_execution(
+                self.hparams.steps_per_execution, trainer, datamodule, self.scheduler_config
+            )
+            self._execution = (trainer, datamodule, *resolved)
         return self._execution[2]
-
-    def _resolve_steps_per_execution(self, trainer: Any, datamodule: Any) -> tuple[int, str]:
-        """``(steps, why it is 1)``; raises for an explicit value that the trainer's settings rule out."""
-        requested = self.hparams.steps_per_execution
-        if requested == 1:
-            return 1, "steps_per_execution=1"
-        conflicts = []
-        if trainer.world_size > 1:
-            # DDP synchronises gradients once per wrapped forward: the inner steps would not be synchronised.
-            conflicts.append(f"{trainer.world_size} processes (DDP)")
-        if trainer.accumulate_grad_batches != 1:
-            conflicts.append(f"accumulate_grad_batches={trainer.accumulate_grad_batches}")
-        if trainer.gradient_clip_val:
-            conflicts.append(f"gradient_clip_val={trainer.gradient_clip_val}")
-        if requested != "auto":
-            if conflicts:
-                raise ValueError(
-                    f"steps_per_execution={requested} cannot be combined with {', '.join(conflicts)}; "
-                    "use steps_per_execution=1 (or auto)"
-                )
-            return requested, ""
-        if not _groups_batches(datamodule):
-            conflicts.append("the training data does not come from a xentlit datamodule")
-        for name, value, default in (("fast_dev_run", trainer.fast_dev_run, False),
-                                     ("overfit_batches", trainer.overfit_batches, 0),
-                                     ("limit_train_batches", trainer.limit_train_batches, 1.0)):
-            if value != default:
-                conflicts.append(f"{name}={value} counts training batches")
-        if trainer.val_check_interval != 1.0:
-            conflicts.append(f"val_check_interval={trainer.val_check_interval} validates within an epoch")
-        if any(getattr(cb, "_every_n_train_steps", 0) for cb in trainer.checkpoint_callbacks):
-            conflicts.append("a checkpoint is written every n training steps")
-        if self.scheduler_config and self.scheduler_config.get("frequency", 1) != 1:
-            conflicts.append("the scheduler steps every few steps")
-        return (1, "; ".join(conflicts)) if conflicts else (AUTO_STEPS_PER_EXECUTION, "")
 
     def _setup_execution(self) -> None:
         """Ask a xentlit datamodule for ``steps_per_execution`` batches at once; report what ``auto`` chose."""
         steps = self.steps_per_execution
         trainer = self.trainer
         datamodule = getattr(trainer, "datamodule", None)
-        self._direct_backward = _backward_is_plain(trainer, self)
+        self._direct_backward = execution.backward_is_plain(trainer, self)
         self._slice_rows = None
-        if _groups_batches(datamodule):
+        if groups_batches(datamodule):
             datamodule.steps_per_execution = steps
             if steps > 1:
                 self._slice_rows = (int(datamodule.batch_size), bool(datamodule.drop_last))
@@ -245,17 +177,13 @@ class XentModule(LightningModule):
             self._log_every_n_steps = trainer.log_every_n_steps
             trainer.log_every_n_steps = max(1, -(-trainer.log_every_n_steps // steps))
         if self.hparams.steps_per_execution == "auto" and self._execution is not None:
-            if steps > 1:
-                rank_zero_info(f"steps_per_execution=auto: {steps} optimiser steps per Lightning step (the progress "
-                               f"bar counts groups of {steps} batches)")
-            else:
-                rank_zero_info(f"steps_per_execution=auto: 1 ({self._execution[3]})")
+            rank_zero_info(execution.describe_auto(steps, why=self._execution[3]))
 
     def teardown(self, stage: str) -> None:
         if stage == "fit" and self._log_every_n_steps is not None and self._trainer is not None:
             self._trainer.log_every_n_steps, self._log_every_n_steps = self._log_every_n_steps, None
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" and _groups_batches(datamodule):
+        if stage == "fit" and groups_batches(datamodule):
             datamodule.steps_per_execution = 1  # its loaders serve single batches again outside this fit
 
     @property
@@ -287,10 +215,7 @@ class XentModule(LightningModule):
         hard = target if not target.is_floating_point() else target.argmax(dim=1)
         preds = logits.float()
         if stage != "train":
-            rows = torch.tensor(len(target), device=target.device) if target.is_floating_point() else (
-                target != self.ignore_index).sum()
-            nll = F.cross_entropy(preds, target, ignore_index=self.ignore_index, reduction="sum")
-            getattr(self, f"{stage}_nll").update(nll / rows.clamp_min(1), weight=rows)
+            getattr(self, f"{stage}_nll").update(*mean_nll(preds, target, self.ignore_index))
         getattr(self, f"{stage}_metrics").update(preds if stage == "train" else preds.softmax(dim=1), hard)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -309,11 +234,8 @@ class XentModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.uses_global_normalization or self._denominator is None:
             return
-        trainer = self.trainer
-        # One scalar all-reduce per optimiser step. Lightning divides each micro-batch loss by
-        # accumulate_grad_batches and DDP averages gradients over ranks: undo both, divide by the true total.
-        total = trainer.strategy.reduce(self._denominator, reduce_op="sum")
-        scale = trainer.accumulate_grad_batches * trainer.world_size / total.clamp_min(torch.finfo(total.dtype).tiny)
+        # Lightning divides each micro-batch loss by accumulate_grad_batches: undo that too.
+        scale = _global_scale(self.trainer, self._denominator, micro_batches=self.trainer.accumulate_grad_batches)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -324,23 +246,13 @@ class XentModule(LightningModule):
         """``steps_per_execution`` optimiser steps on consecutive slices of one batch (manual optimisation)."""
         optimizer = self.optimizers()
         trainer = self.trainer
-        if self._slice_rows is not None:  # the datamodule's own batches, as with steps_per_execution=1
-            rows, drop_short = self._slice_rows
-            slices = list(zip(x.split(rows), y.split(rows)))
-            if drop_short and len(slices[-1][0]) < rows:
-                slices.pop()
-        else:
-            slices = list(zip(x.tensor_split(self.steps_per_execution), y.tensor_split(self.steps_per_execution)))
         outputs = []
-        for xs, ys in slices:
-            if len(xs) == 0:
-                continue
+        for xs, ys in execution.optimizer_batches(x, y, self.steps_per_execution, self._slice_rows):
             if 0 <= trainer.max_steps <= trainer.global_step:
                 break
             out = self._shared_step(xs, ys, "train", update_metrics=False)
-            if self.uses_global_normalization:  # one scalar all-reduce per optimiser step; DDP averages over ranks
-                total = trainer.strategy.reduce(out["denominator"].detach().to(torch.float64), reduce_op="sum")
-                scale = trainer.world_size / total.clamp_min(torch.finfo(total.dtype).tiny)
+            if self.uses_global_normalization:
+                scale = _global_scale(trainer, out["denominator"].detach().to(torch.float64), micro_batches=1)
                 out["loss"] = out["loss_sum"] * scale.to(out["loss_sum"].dtype)
             else:
                 out["loss"] = out["mean"]
@@ -358,28 +270,18 @@ class XentModule(LightningModule):
         self.step_loss = None
         if not outputs:
             return None
-        logits = torch.cat([o["logits"] for o in outputs])
-        target = torch.cat([o["target"] for o in outputs])
+        merged = execution.merge_step_outputs(outputs)
         means = torch.stack([o["mean"].detach() for o in outputs])
-        self._update_metrics("train", logits, target, means, torch.stack([o["denominator"] for o in outputs]))
-        return {"loss": outputs[-1]["loss"].detach(), "logits": logits, "target": target,
-                "step_rows": [len(o["target"]) for o in outputs]}
+        denominators = torch.stack([o["denominator"] for o in outputs])
+        self._update_metrics("train", merged["logits"], merged["target"], means, denominators)
+        return merged
 
     def _step_schedulers(self, interval: str) -> None:
         """Under manual optimisation Lightning leaves the schedulers to the module."""
         if self.automatic_optimization or not self.scheduler_config:
             return
-        if self.scheduler_config.get("interval", "epoch") != interval:
-            return
-        scheduler = self.lr_schedulers()
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            monitor = self.scheduler_config.get("monitor", "val/loss")
-            value = self.trainer.callback_metrics.get(monitor)
-            if value is None:
-                raise RuntimeError(f"ReduceLROnPlateau monitors {monitor!r}, which was not logged this epoch")
-            scheduler.step(value)
-        else:
-            scheduler.step()
+        if self.scheduler_config.get("interval", "epoch") == interval:
+            step_scheduler(self.lr_schedulers(), self.scheduler_config, self.trainer.callback_metrics)
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return self._shared_step(*self.unpack_batch(batch), "val")
@@ -394,15 +296,10 @@ class XentModule(LightningModule):
 
     def log_epoch_metrics(self, stage: str) -> dict[str, Tensor]:
         """Compute (synced across DDP ranks by torchmetrics), log and reset the stage's epoch metrics."""
-        loss_metric, metrics = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics")
-        if not loss_metric.update_called:
+        nll = getattr(self, f"{stage}_nll") if stage != "train" else None
+        values = compute_epoch_metrics(stage, getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_metrics"), nll)
+        if not values:
             return {}
-        values = {f"{stage}/loss": loss_metric.compute(), **metrics.compute()}
-        loss_metric.reset()
-        metrics.reset()
-        if stage != "train":
-            values[f"{stage}/nll"] = getattr(self, f"{stage}_nll").compute()
-            getattr(self, f"{stage}_nll").reset()
         # The values are global already (torchmetrics synced them across ranks in compute()); sync_dist with max
         # over identical values changes no bit, and tells Lightning they are synced (no per-metric warning).
         self.log_dict(values, prog_bar=stage != "test", sync_dist=True, reduce_fx="max")
@@ -412,6 +309,11 @@ class XentModule(LightningModule):
         self.log_dict({"step": float(self.trainer.global_step), "epoch": float(self.trainer.current_epoch)},
                       sync_dist=True, reduce_fx="max")
         return values
+
+    def on_train_epoch_start(self) -> None:
+        set_epoch = getattr(self.loss, "set_epoch", None)  # (deferred re-weighting: loss.reweight_from_epoch)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         self.log_epoch_metrics("train")
@@ -430,91 +332,49 @@ class XentModule(LightningModule):
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The global RNG drives shuffling and dropout: restoring it makes a resumed run bitwise identical.
-        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _check_compatible(self.state_dict(), checkpoint.get("state_dict", {}))
+        check_checkpoint_fits(self.state_dict(), checkpoint.get("state_dict", {}))
         rng = checkpoint.get("rng_state")
         if rng and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            restore_rng_state(rng)
 
     # ----------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
-        optimizer = factory(self.parameters())
-        if not self.scheduler_config:
-            return optimizer
-        config = dict(self.scheduler_config)
-        make = config.pop("scheduler")
-        kwargs: dict[str, Any] = {}
-        func = getattr(make, "func", make)
-        keywords = getattr(make, "keywords", {}) or {}
-        if "total_steps" in _parameters(func) and keywords.get("total_steps") is None:
-            kwargs["total_steps"] = self.estimated_optimizer_steps()
-        config["scheduler"] = make(optimizer, **kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return build_optimizers(self.parameters(), self.optimizer_factory, self.scheduler_config,
+                                total_steps=self.estimated_optimizer_steps)
 
     def estimated_optimizer_steps(self) -> int:
         """Optimiser steps of the whole fit (``Trainer.estimated_stepping_batches`` counts Lightning steps)."""
-        trainer = self.trainer
-        lightning_steps = int(trainer.estimated_stepping_batches)
-        steps = self.steps_per_execution
-        if steps == 1:
-            return lightning_steps
-        if self._slice_rows is not None:
-            rows, drop_short = self._slice_rows
-            n = len(trainer.train_dataloader.dataset)
-            epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-            per_epoch = n // rows if drop_short else -(-n // rows)
-            total = per_epoch * epochs if epochs is not None else trainer.max_steps
-        else:
-            total = lightning_steps * steps
-        return min(total, trainer.max_steps) if trainer.max_steps >= 0 else total
+        return execution.estimated_optimizer_steps(self.trainer, self.steps_per_execution, self._slice_rows)
 
 
-def _backward_is_plain(trainer: Any, module: LightningModule) -> bool:
-    """Whether Lightning's ``manual_backward`` would do nothing but ``loss.backward()`` (~50 us less per step):
-    one device, no loss scaling, and no backward hook overridden by the module or a callback."""
-    from lightning.pytorch import Callback
-    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    plugin = trainer.precision_plugin
-    plain_precision = type(plugin) is Precision or (type(plugin) is MixedPrecision and plugin.scaler is None)
-    hooks = ("on_before_backward", "on_after_backward")
-    hooked = any(is_overridden(h, module, LightningModule) for h in (*hooks, "backward")) or any(
-        is_overridden(h, callback, Callback) for callback in trainer.callbacks for h in hooks
-    )
-    return plain_precision and type(trainer.strategy) is SingleDeviceStrategy and not hooked
-
-
-def _groups_batches(datamodule: Any) -> bool:
-    """Whether ``datamodule`` can serve several optimiser batches per Lightning step (xentlit's datamodules)."""
-    return isinstance(getattr(datamodule, "steps_per_execution", None), int) and hasattr(datamodule, "batch_size")
-
-
-def _check_compatible(own: Mapping[str, Tensor], saved: Mapping[str, Any]) -> None:
-    """Raise a ValueError naming the mismatched tensors when a checkpoint belongs to another data shape."""
-    mismatched = [
-        f"{key}: checkpoint {tuple(saved[key].shape)} vs model {tuple(value.shape)}"
-        for key, value in own.items()
-        if key in saved and isinstance(saved[key], Tensor) and saved[key].shape != value.shape
-        and not key.endswith("loss.weight")  # a pending class-weight strategy is filled from the checkpoint
-    ]
-    if mismatched:
+def _checked_num_classes(net: nn.Module, num_classes: int | None, loss_normalization: str) -> int:
+    """``num_classes`` (from ``net.num_classes`` when omitted), after checking it and ``loss_normalization``."""
+    if loss_normalization not in NORMALIZATIONS:
+        raise ValueError(f"loss_normalization must be one of {NORMALIZATIONS}, got {loss_normalization!r}")
+    num_classes = num_classes if num_classes is not None else getattr(net, "num_classes", None)
+    if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(
-            "the checkpoint does not fit this model: it was trained with a different number of input features "
-            "or classes (or another network). Mismatched tensors: " + "; ".join(mismatched[:4])
+            f"num_classes must be an int >= 2 (pass it, or give the net a `num_classes` attribute), got {num_classes!r}"
         )
+    return num_classes
 
 
-def _parameters(func: Any) -> set[str]:
-    try:
-        return set(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return set()
+def _class_counts(loss: CrossEntropyLoss, datamodule: Any) -> Tensor:
+    """The training labels' class counts, which a class-weight strategy of ``loss`` is computed from."""
+    counts = getattr(datamodule, "class_counts", None)
+    if counts is None:
+        raise RuntimeError(
+            f"loss class_weights={loss.class_weights!r} is computed from the training labels, but the "
+            "datamodule exposes no `class_counts`; call `loss.set_class_counts(counts)` before training"
+        )
+    return torch.as_tensor(counts)
+
+
+def _global_scale(trainer: Any, denominator: Tensor, micro_batches: int) -> Tensor:
+    """What turns gradients of loss sums into those of the global batch's mean, with one scalar all-reduce: DDP
+    averages gradients over ranks and the loss was divided by ``micro_batches``; undo both, divide by the total."""
+    total = trainer.strategy.reduce(denominator, reduce_op="sum")
+    return micro_batches * trainer.world_size / total.clamp_min(torch.finfo(total.dtype).tiny)

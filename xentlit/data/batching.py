@@ -1,12 +1,17 @@
-"""Whole-batch serving of in-memory tensors: one index op per batch instead of B ``__getitem__`` calls."""
+"""Whole-batch serving of in-memory tensors: one index op per batch instead of B ``__getitem__`` calls.
+
+The loaders stay plain :class:`~torch.utils.data.DataLoader` objects so that Lightning can still inject a
+``DistributedSampler`` under DDP.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 class TensorBatchDataset(Dataset):
     """Features and targets held as two tensors, served a whole batch at a time.
@@ -41,3 +46,35 @@ def collate_batch(batch: Any) -> Any:
     Module level (not a lambda) so it pickles into worker processes.
     """
     return batch
+
+
+def batch_loader(
+    ds: TensorBatchDataset, batch_size: int, *, shuffle: bool, drop_last: bool = False, sampler: Any = None,
+    num_workers: int = 0, pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` that cuts each batch of ``ds`` with one index op (:func:`collate_batch`)."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        drop_last=drop_last,
+        collate_fn=collate_batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def eval_sampler(ds: TensorBatchDataset, trainer: Any) -> UnrepeatedDistributedSampler | None:
+    """Under DDP, a sampler that gives each rank its own rows in order, each row seen exactly once; else None."""
+    world_size = int(getattr(trainer, "world_size", 1)) if trainer is not None else 1
+    if world_size <= 1:
+        return None
+    rank = int(getattr(trainer, "global_rank", 0))
+    if len(ds) < world_size:
+        raise ValueError(
+            f"an evaluation split has {len(ds)} rows, fewer than world_size={world_size}; "
+            "every rank needs at least one row"
+        )
+    return UnrepeatedDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=False)
