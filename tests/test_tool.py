@@ -133,7 +133,8 @@ def test_ddp_children_rerun_the_command_with_the_users_config_dirs(tmp_path, mon
         cfg = compose("train", overrides=[f"hydra.searchpath=[file://{more}]", "seed=3"], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-        cfg.hydra.runtime.config_sources.append(ConfigSourceInfo(path=str(mine), schema="file", provider="command-line"))
+        source = ConfigSourceInfo(path=str(mine), schema="file", provider="command-line")  # what --config-dir adds
+        cfg.hydra.runtime.config_sources.append(source)
     monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # put back after the test
     HydraConfig.instance().set_config(cfg)
     monkeypatch.setattr(commands, "_running", "train")
