@@ -478,3 +478,38 @@ def test_ddp_two_processes_no_deadlock_one_report(tmp_path):
     assert report["codes"] == [] and report["epochs_seen"] == 2
     assert result.stdout.count("ConvergenceDoctor: no problems found") == 1  # rank 0 only
     assert read_metrics(run)["metrics"]["test/acc"] > 0.5
+
+
+# ------------------------------------------------------------------------------- the checks' registry
+def test_every_code_has_exactly_one_registered_check_and_every_check_a_code():
+    from xentlit.callbacks.doctor.checks import CHECKS
+    from xentlit.callbacks.doctor.checks.base import EVENTS, Check
+
+    codes = [check.code for check in CHECKS]
+    assert sorted(codes) == sorted(CODES) and len(set(codes)) == len(codes) == 14
+    for check in CHECKS:
+        assert CODES[check.code] == (check.severity, check.title) and check.severity in ("error", "warning")
+        assert any(getattr(check, event) is not getattr(Check, event) for event in EVENTS), check  # judges something
+
+
+def test_a_new_check_is_one_class_registered_in_one_place(tmp_path, monkeypatch):
+    """A check appended to CHECKS (and nowhere else) is called by a real fit and reported like the others."""
+    from xentlit.callbacks.doctor import checks, diagnosis
+    from xentlit.callbacks.doctor.checks.base import Check
+    from xentlit.callbacks.doctor.findings import Verdict
+
+    class WideOutputs(Check):
+        code, severity, title = "wide_outputs", "warning", "more than 5 classes"
+
+        def on_first_step(self, doctor, first):
+            if first.num_classes > 5:
+                return Verdict(step=first.step, evidence={"classes": first.num_classes},
+                               message=f"{first.num_classes} classes. Fix: none needed.")
+
+    monkeypatch.setattr(diagnosis, "CHECKS", (*checks.CHECKS, WideOutputs))
+    x, y = _digits()
+    loader = DataLoader(TensorBatchDataset(x[:128], y[:128]), batch_size=64, collate_fn=collate_batch)
+    _, _, report = _fit(tmp_path, XentModule(MLP(64, 10), optimizer=_adam()), train_dataloaders=loader, epochs=1)
+    [finding] = report["findings"]
+    assert finding["code"] == "wide_outputs" and finding["severity"] == "warning"
+    assert finding["evidence"] == {"classes": 10} and finding["step"] == 0

@@ -1,7 +1,8 @@
-"""Loggers, Optuna sweeps and debug presets through the real scripts/train.py, read back from the files they write.
+"""Loggers, -m sweeps and debug presets through the real scripts/train.py, read back from the files they write.
 
 Everything runs offline: MLflow with a SQLite store inside the run directory, W&B in offline mode.
-A logger's tests skip only when its package is not installed (``pip install -e ".[loggers,sweep]"``).
+A logger's tests skip only when its package is not installed (``pip install -e ".[loggers]"``).
+The Optuna search (``scripts/search.py``) is tested in test_search.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONF, read_metrics, run_dirs, run_script
+from conftest import read_metrics, run_dirs, run_script
 
 SMOOTHING = 0.05  # a distinctive value to find in every logger's record of the resolved config
 OPTIONAL_LOGGERS = {"mlflow": "mlflow", "wandb": "wandb"}  # logger option -> package it needs
@@ -189,82 +190,6 @@ def test_wandb_gives_each_job_of_a_sweep_its_own_run(tmp_path):
         wandb_run = _read_wandb_run(run)
         assert wandb_run["config"]["seed"] == yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["seed"]
         assert len(wandb_run["history"]["val/loss"]) == 1  # one epoch: nothing from the other job
-
-
-# ------------------------------------------------------------------------------------------- Optuna sweep
-
-OPTUNA = "hydra_plugins.hydra_optuna_sweeper"
-
-
-def _search_space(compose) -> dict:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    pytest.importorskip(OPTUNA, reason="needs `pip install -e .[sweep]` (hydra-optuna-sweeper)")
-    cfg = compose("hparams_search=optuna", return_hydra_config=True)
-    parser = OverridesParser.create()
-    return cfg, {key: parser.parse_override(f"{key}={value}") for key, value in cfg.hydra.sweeper.params.items()}
-
-
-def test_optuna_search_space_and_objective_compose(compose):
-    cfg, space = _search_space(compose)
-    sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    assert sweeper.direction == "maximize" and cfg.optimized_metric == "val/acc_best"
-    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and isinstance(sweeper.sampler.seed, int)
-    assert 1 <= sweeper.n_trials <= 50
-    assert set(space) == {"optimizer.lr", "optimizer.weight_decay", "loss.label_smoothing", "loss"}
-
-    lr = space["optimizer.lr"].value()
-    assert "log" in lr.tags and 0 < lr.start < 1e-3 < lr.end <= 0.1
-    smoothing = space["loss.label_smoothing"].value()
-    assert 0 <= smoothing.start < smoothing.end < 1
-    weight_decay = space["optimizer.weight_decay"].value()
-    assert 0 <= weight_decay.start < weight_decay.end
-
-    # The loss choice lists every conf/loss option that accepts label smoothing (which is searched too).
-    from xentlit.losses import LOSSES
-
-    shipped = {p.stem for p in (CONF / "loss").glob("*.yaml")}
-    expected = {name for name in shipped if getattr(LOSSES.get(name), "supports_soft_targets", True)}
-    assert set(space["loss"].value().list) == expected
-
-
-def test_optuna_search_samples_valid_configs(compose):
-    """Every value the search can pick composes and instantiates (extreme corners of each interval)."""
-    from hydra.utils import instantiate
-
-    _, space = _search_space(compose)
-    lr, wd, ls = (space[k].value() for k in ("optimizer.lr", "optimizer.weight_decay", "loss.label_smoothing"))
-    for i, loss in enumerate(space["loss"].value().list):
-        corner = (lr.start, wd.end, ls.end) if i % 2 else (lr.end, wd.start, ls.start)
-        cfg = compose(f"loss={loss}", f"optimizer.lr={corner[0]}", f"optimizer.weight_decay={corner[1]}",
-                      f"loss.label_smoothing={corner[2]}", "paths.output_dir=unused")
-        assert instantiate(cfg.loss).label_smoothing == pytest.approx(corner[2])
-
-
-@pytest.mark.slow
-def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path):
-    pytest.importorskip(OPTUNA, reason="needs `pip install -e .[sweep]` (hydra-optuna-sweeper)")
-    run_script("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "trainer.max_epochs=1",
-               cwd=tmp_path)
-    runs = run_dirs(tmp_path / "outputs")
-    assert len(runs) == 3
-    [results_file] = (tmp_path / "outputs").rglob("optimization_results.yaml")
-    assert results_file.parent == runs[0].parent  # in the sweep directory, beside the trials
-    results = yaml.safe_load(results_file.read_text())
-    best = results["best_params"]
-    assert set(best) == {"optimizer.lr", "optimizer.weight_decay", "loss.label_smoothing", "loss"}
-
-    scores = {}
-    for run in runs:
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()))
-        scores[run] = (read_metrics(run)["metrics"]["val/acc_best"], overrides)
-        assert 1e-4 <= float(overrides["optimizer.lr"]) <= 3e-2
-    assert len({o["optimizer.lr"] for _, o in scores.values()}) == 3  # three different trials
-    best_score, best_overrides = max(scores.values(), key=lambda s: s[0])
-    assert results["best_value"] == pytest.approx(best_score)
-    assert best_overrides["loss"] == best["loss"]
-    assert float(best_overrides["optimizer.lr"]) == pytest.approx(best["optimizer.lr"])
 
 
 # ------------------------------------------------------------------------------------------- debug presets

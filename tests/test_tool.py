@@ -27,7 +27,7 @@ def test_every_command_is_a_function_and_the_dispatcher_refuses_what_is_not_one(
     assert commands.main(["xentlit"]) == 2 and "usage: xentlit <command>" in capsys.readouterr().err
     assert commands.main(["xentlit", "--help"]) == 0 and "predict" in capsys.readouterr().out
     assert commands.main(["xentlit", "trian"]) == 2
-    assert "unknown command 'trian'; the commands are train, eval, predict" in capsys.readouterr().err
+    assert "unknown command 'trian'; the commands are train, eval, predict, search" in capsys.readouterr().err
 
 
 def test_a_clone_uses_its_top_level_conf():

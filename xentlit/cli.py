@@ -155,22 +155,27 @@ def resolve_monitor(cfg: DictConfig, loss: Any) -> None:
         raise ValueError(f"monitor.mode must be min, max or auto, got {monitor.mode!r}")
 
 
-def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
-    """Instantiate the datamodule, the module (with its network and loss) and the trainer from ``cfg``."""
+def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> tuple[pl.LightningDataModule, pl.LightningModule,
+                                                                       pl.Trainer]:
+    """Instantiate the datamodule, the module (with its network and loss) and the trainer from ``cfg``
+    (``callbacks``: objects added to the configured callbacks, e.g. a search's pruning callback)."""
     datamodule = instantiate(cfg.data)
     loss = instantiate(cfg.loss)
     resolve_monitor(cfg, loss)
     module = build_module(cfg, datamodule.num_features, datamodule.num_classes,
                           getattr(datamodule, "categorical_cardinalities", ()), loss=loss)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return datamodule, module, build_trainer(cfg, extra_callbacks=(RunInfoInCheckpoint(resolved),))
+    return datamodule, module, build_trainer(cfg, extra_callbacks=(RunInfoInCheckpoint(resolved), *callbacks))
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Seed, build, fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> float | None:
+    """Seed, build, fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``.
+
+    ``callbacks`` are Lightning callbacks added to the configured ones (objects a config cannot describe, e.g. the
+    hyperparameter search's callback that reports each epoch to its trial)."""
     with _distributed_job(), _one_tracker_run_per_job():
         try:
-            return _train(cfg)
+            return _train(cfg, callbacks)
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise
@@ -180,7 +185,7 @@ def train(cfg: DictConfig) -> float | None:
                              f"intact. Free space, then continue with: {command_line('train.py')} resume={run_dir}") from None
 
 
-def _train(cfg: DictConfig) -> float | None:
+def _train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> float | None:
     started = time.perf_counter()
     run_dir = _configured_run_dir(cfg)
     try:
@@ -189,7 +194,7 @@ def _train(cfg: DictConfig) -> float | None:
             for leftover in Path(cfg.resume).rglob(".*.tmp"):  # temp files of writes a kill cut short
                 leftover.unlink(missing_ok=True)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule, module, trainer = build(cfg)
+        datamodule, module, trainer = build(cfg, callbacks)
         run_dir = Path(trainer.default_root_dir).resolve()
         _report_schema(datamodule, run_dir)
         for logger in trainer.loggers:

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from xentlit import commands
 
-__all__ = ["CONFIG_DIR_ENV", "eval_main", "hydra_entry", "package_config_dir", "predict_main", "set_threads",
-           "train_main"]
+__all__ = ["CONFIG_DIR_ENV", "eval_main", "hydra_entry", "package_config_dir", "predict_main", "search_main",
+           "set_threads", "train_main"]
 
 # A directory of the user's own configs (model/, data/, experiment/ ... options), used like --config-dir.
 CONFIG_DIR_ENV = "XENTLIT_CONFIG_DIR"
@@ -69,6 +69,10 @@ def hydra_entry(run: Callable[[DictConfig], Any], config_name: str,
     main = hydra.main(version_base="1.3", config_path=str(directory.resolve()), config_name=config_name)(_task(run))
 
     def entry() -> Any:
+        if config_name == "train" and any(
+                arg.lstrip("+~").split("=", 1)[0].split(".")[0] == "hparams_search" for arg in sys.argv[1:]):
+            raise SystemExit("hparams_search=... is a hyperparameter search, its own command: xentlit search (or "
+                             "python scripts/search.py) with the same overrides")
         sys.argv = _argv_for_external_rank(_argv_for_resume(_argv_with_user_config_dir(sys.argv)))
         return main()
 
@@ -94,6 +98,20 @@ def predict_main() -> Any:
     from xentlit.cli import predict
 
     return hydra_entry(predict, "predict", package_config_dir())()
+
+
+def search_main() -> Any:
+    """``xentlit search``: a hyperparameter search over training runs (``scripts/search.py``); a user config
+    directory (``--config-dir DIR`` or ``XENTLIT_CONFIG_DIR``) joins Hydra's search path."""
+    from xentlit.search import main
+
+    argv = _argv_with_user_config_dir(sys.argv)[1:]
+    if "--config-dir" in argv:
+        i = argv.index("--config-dir")
+        if i + 1 == len(argv):
+            raise SystemExit("xentlit search: --config-dir needs a directory")
+        argv[i:i + 2] = [f"hydra.searchpath=[file://{Path(argv[i + 1]).expanduser().resolve()}]"]
+    return main(argv, config_dir=package_config_dir())
 
 
 def _task(run: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
