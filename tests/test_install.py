@@ -25,7 +25,7 @@ from conftest import ROOT, run_dirs
 
 pytestmark = pytest.mark.slow
 
-_PROJECT_FILES = ("pyproject.toml", "README.md", "xentlit", "conf")
+_PROJECT_FILES = ("pyproject.toml", "setup.py", "README.md", "xentlit", "conf")
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -70,7 +70,7 @@ def _assert_wheel_holds_the_package_and_its_configs(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "xentlit").rglob("*.py")}
     configs = {"xentlit/conf/" + p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
-    assert modules <= names, f"modules missing from the wheel (list the subpackage in pyproject.toml): " \
+    assert modules <= names, f"modules missing from the wheel (see setup.py): " \
                              f"{sorted(modules - names)}"
     assert configs <= names, f"configs missing from the wheel: {sorted(configs - names)}"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

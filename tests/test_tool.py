@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +27,7 @@ def test_every_command_is_a_function_and_the_dispatcher_refuses_what_is_not_one(
     assert commands.main(["xentlit"]) == 2 and "usage: xentlit <command>" in capsys.readouterr().err
     assert commands.main(["xentlit", "--help"]) == 0 and "predict" in capsys.readouterr().out
     assert commands.main(["xentlit", "trian"]) == 2
-    assert "unknown command 'trian'; the commands are train, eval, predict" in capsys.readouterr().err
+    assert "unknown command 'trian'; the commands are train, eval, predict, search" in capsys.readouterr().err
 
 
 def test_a_clone_uses_its_top_level_conf():
@@ -113,3 +114,31 @@ def test_the_model_summary_leaves_out_flops_that_were_not_measured(capsys):
                                 "Modules in train mode: 27, in eval mode: 0"]
     ModelSummary.summarize(data, 85_000, 85_000, 0.34, {"train": 27, "eval": 0}, total_flops=2_000_000)
     assert "Total FLOPs: 2.0 M" in capsys.readouterr().out
+
+
+def test_ddp_children_rerun_the_command_with_the_users_config_dirs(tmp_path, monkeypatch):
+    """Lightning's DDP child processes compose the same config: the same command, config folders and overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.conf import ConfigSourceInfo
+    from omegaconf import open_dict
+
+    from xentlit.config import register_configs
+    from xentlit.entry import _job_subprocess_cmd
+
+    register_configs()
+    mine, more = tmp_path / "mine", tmp_path / "more"
+    more.mkdir()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra.searchpath=[file://{more}]", "seed=3"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        source = ConfigSourceInfo(path=str(mine), schema="file", provider="command-line")  # what --config-dir adds
+        cfg.hydra.runtime.config_sources.append(source)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # put back after the test
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(commands, "_running", "train")
+    command, cwd = _job_subprocess_cmd(1)
+    assert command[:4] == [sys.executable, "-m", "xentlit", "train"]
+    assert command[4:8] == ["--config-dir", str(mine), f"hydra.searchpath=[file://{more}]", "seed=3"]
+    assert f'hydra.run.dir="{tmp_path / "run"}"' in command and "hydra.job.name=train_rank1" in command

@@ -91,7 +91,8 @@ def test_the_config_dir_variable_acts_as_config_dir_which_wins(monkeypatch):
 @pytest.mark.slow
 def test_a_user_experiment_trains_the_users_network_and_eval_needs_trust(project, tmp_path):
     importable = {"PYTHONPATH": os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))}
-    run_script("train.py", "experiment=quick", cwd=tmp_path, env={CONFIG_DIR_ENV: str(project / "myconf"), **importable})
+    run_script("train.py", "experiment=quick", cwd=tmp_path,
+               env={CONFIG_DIR_ENV: str(project / "myconf"), **importable})
     [run] = run_dirs(tmp_path / "outputs")
     config = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert config.model == {"_target_": "mymodels.ResMLP", "width": 24, "blocks": 3}

@@ -18,7 +18,7 @@ __all__ = ["COMMANDS", "main", "relaunch_command", "command_line"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("xentlit.entry:train_main", "train a classifier, test its best checkpoint (conf/train.yaml)"),
     "eval": ("xentlit.entry:eval_main", "re-test a checkpoint on the test split of its data (conf/eval.yaml)"),
-    "predict": ("xentlit.entry:predict_main", "classes and probabilities for the rows of your file (conf/predict.yaml)"),
+    "predict": ("xentlit.entry:predict_main", "class probabilities for the rows of your file (conf/predict.yaml)"),
     "search": ("xentlit.entry:search_main", "hyperparameter search with Optuna, pruning bad trials (conf/hparams_search/)"),
 }
 

@@ -21,7 +21,7 @@ from lightning.pytorch import callbacks as pl_callbacks
 from lightning.pytorch import loggers as pl_loggers
 from omegaconf import MISSING, OmegaConf
 
-from xentlit import callbacks, checkpointing, data, losses, module, nets, plots
+from xentlit import callbacks, checkpointing, console, data, losses, module, nets, plots
 from xentlit import loggers as xentlit_loggers
 
 
@@ -199,7 +199,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "callbacks": {
         "model_checkpoint": schema(checkpointing.ModelCheckpoint),
         "early_stopping": schema(pl_callbacks.EarlyStopping),
-        "rich_progress_bar": schema(pl_callbacks.RichProgressBar),
+        "rich_progress_bar": schema(console.ProgressBar),
         "tqdm_progress_bar": schema(pl_callbacks.TQDMProgressBar),
         "lr_monitor": schema(pl_callbacks.LearningRateMonitor),
         "plots": schema(plots.PlotCallback),

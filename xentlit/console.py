@@ -14,10 +14,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelSummary as _LightningModelSummary
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
-__all__ = ["REPORT_LOGGER", "ModelSummary", "say", "show_table"]
+__all__ = ["REPORT_LOGGER", "ModelSummary", "ProgressBar", "say", "show_table"]
 
 # The logger whose records go to the run's log file only (the console gets the same text printed).
 REPORT_LOGGER = "xentlit.report"
@@ -86,3 +88,44 @@ class ModelSummary(_LightningModelSummary):
             totals.append(f"Total FLOPs: {count(total_flops)}")
         show_table("Model summary", header, rows, right_aligned=[i for i, h in enumerate(header) if h == "Params"])
         say("\n".join(totals))
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar on a terminal. When stdout is not one (a file, a pipe, a batch job) no bar is
+    drawn -- rich would print its last frame, the metrics wrapped at 80 columns -- but one plain line per epoch,
+    ``epoch 3/29: train/loss 0.1234  train/acc 0.9611  val/loss ...`` (0-based, as Lightning's bar and the CSV log
+    count), on stdout and in the run's log file."""
+
+    _finished_epoch: int | None = None  # an epoch whose line waits for its training metrics
+
+    @property
+    def _lines(self) -> bool:
+        return not _is_terminal()
+
+    @property
+    def is_enabled(self) -> bool:
+        return super().is_enabled and not self._lines
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # the module logs the epoch's training metrics after the callbacks' hook: the line waits for them
+        self._finished_epoch = trainer.current_epoch if self._lines and super().is_enabled else None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_line(trainer)
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_line(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _epoch_line(self, trainer: pl.Trainer) -> None:
+        epoch, self._finished_epoch = self._finished_epoch, None
+        if epoch is None or not trainer.is_global_zero:
+            return
+        last = f"/{trainer.max_epochs - 1}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        stage = {"train": 0, "val": 1}  # training metrics first, then validation, then any other
+        values = sorted(((name, value) for name, value in trainer.progress_bar_metrics.items() if "/" in name),
+                        key=lambda item: stage.get(item[0].split("/", 1)[0], 2))
+        say(f"epoch {epoch}{last}: " + "  ".join(
+            f"{name} {value:.4f}" if isinstance(value, (int, float)) else f"{name} {value}" for name, value in values))
