@@ -857,7 +857,13 @@ def test_compare_quick_writes_csv_table_and_plot(tmp_path):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     pairs = {(r["dataset"], r["loss"]) for r in rows}
-    assert pairs == {(d, l) for d in compare.DATASETS for l in ("cross_entropy", "logit_adjusted")}
+    assert pairs == {(d, l) for d in compare.DATASETS
+                     for l in ("cross_entropy", "logit_adjusted", *compare.POSTHOC_SETTINGS)}
+    by_key = {(r["dataset"], r["loss"]): r for r in rows}
+    for d in compare.DATASETS:  # temperature scaling keeps the model's predictions; its calibration changes
+        ce, scaled = by_key[(d, "cross_entropy")], by_key[(d, "cross_entropy + temperature")]
+        assert float(scaled["test/acc"]) == pytest.approx(float(ce["test/acc"]), abs=1e-6)
+        assert float(scaled["test/ece"]) != float(ce["test/ece"])
     for r in rows:
         for metric in compare.METRICS:
             assert 0.0 <= float(r[metric]) <= 1.0
@@ -871,8 +877,10 @@ def test_compare_quick_writes_csv_table_and_plot(tmp_path):
         [line] = [line for line in section.splitlines() if line.startswith(f"| {r['loss']} |")]
         for metric in compare.METRICS:
             assert f"{float(r[metric]):.3f}" in line
-        assert (out / "runs" / r["dataset"] / r["loss"] / "seed0" / "metrics.json").exists()
+        run = r["loss"] if r["loss"] not in compare.POSTHOC_SETTINGS else "cross_entropy"  # (its model's run)
+        assert (out / "runs" / r["dataset"] / run / "seed0" / "metrics.json").exists()
     assert table.count("| cross_entropy |") == 3 and table.count("| logit_adjusted |") == 3
+    assert table.count("| cross_entropy + temperature |") == 3
     png = (out / "comparison.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
