@@ -294,6 +294,20 @@ def test_nfl_at_gamma_zero_is_nce_and_a_vanishing_ldam_margin_is_cross_entropy()
     torch.testing.assert_close(ldam(logits, target), ce, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_one_class_is_a_zero_loss_with_zero_gradient_labelled_or_ignored(name):
+    """C = 1: every loss is 0 (NCE's normaliser sum_j L(p, j) is 0 there: 0 / 0 must not become a NaN value or a
+    NaN gradient through a masked-out ignored row)."""
+    for target in (torch.tensor([IGNORE]), torch.tensor([0, IGNORE]), torch.tensor([0, 0])):
+        logits = torch.randn(len(target), 1, dtype=torch.float64, requires_grad=True)
+        loss = LOSSES[name](ignore_index=IGNORE)
+        if loss.needs_class_counts:
+            loss.set_class_counts([3.0])
+        value = loss(logits, target)
+        (grad,) = torch.autograd.grad(value, logits)
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (name, target)
+
+
 def test_deferred_reweighting_switches_the_class_weights_on_at_its_epoch():
     logits, target = make_inputs("index", True, seed=13)
     loss = LDAMLoss(class_weights="effective_number", beta=0.9999, reweight_from_epoch=2)
