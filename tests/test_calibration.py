@@ -76,6 +76,20 @@ def test_ignored_rows_are_left_out_and_no_labelled_rows_is_an_error():
         Calibrator("platt")
 
 
+def test_an_ignore_index_inside_the_class_range_is_left_out_of_every_fit_and_metric():
+    """ignore_index=1 is also a class: its rows are dropped (not rows with negative labels, not only -100)."""
+    z, y = sampled(n=2000, seed=6)
+    logits, keep = z * 2, y != 1
+    assert fit_temperature(logits, y, ignore_index=1) == pytest.approx(fit_temperature(logits[keep], y[keep]),
+                                                                       rel=1e-9)
+    torch.testing.assert_close(fit_vector_scaling(logits, y, ignore_index=1), fit_vector_scaling(logits[keep], y[keep]))
+    assert calibration_metrics(logits, y, ignore_index=1) == pytest.approx(calibration_metrics(logits[keep], y[keep]))
+    for method in ("temperature", "vector"):
+        fitted = Calibrator(method).fit(logits, y, ignore_index=1)
+        reference = Calibrator(method).fit(logits[keep], y[keep])
+        torch.testing.assert_close(fitted(z), reference(z), msg=method)
+
+
 def test_metrics_match_hand_formulas():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.3, 0.2], [-1.0, 3.0, 0.0], [0.0, 0.0, 4.0]], dtype=torch.float64)
     y = torch.tensor([0, 2, 0, 2])
@@ -91,6 +105,16 @@ def test_metrics_match_hand_formulas():
             ece += float(in_bin.double().mean()) * abs(float(conf[in_bin].mean() - correct[in_bin].mean()))
     got = calibration_metrics(logits, y, n_bins=2)
     assert got == pytest.approx({"nll": nll, "ece": ece, "brier": brier}, rel=1e-6)
+
+
+def test_metrics_of_logits_that_all_lie_in_zero_one_are_still_of_their_softmax():
+    """torchmetrics reads inputs inside [0, 1] as probabilities: the ECE must be of softmax(logits) even when every
+    logit happens to lie there (a barely trained model). Softmax ignores a shift, so the shifted logits agree."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.rand(300, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (300,), generator=g)
+    assert calibration_metrics(logits, y, n_bins=5) == pytest.approx(calibration_metrics(logits + 5.0, y, n_bins=5),
+                                                                     rel=1e-9)
 
 
 def test_post_hoc_logit_adjustment_equals_the_hand_formula():
@@ -113,6 +137,14 @@ def test_a_fitted_calibrator_round_trips_through_a_plain_state_dict(method):
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     torch.testing.assert_close(fresh(z), fitted(z), rtol=0, atol=0)
     assert fresh.fitted and not torch.equal(fresh(z), z)
+
+
+@pytest.mark.parametrize("method", ["none", "vector"])
+def test_an_unfitted_calibrators_state_loads_unfitted(method):
+    z, _ = sampled(n=50, seed=8)
+    fresh = Calibrator(method)
+    fresh.load_state_dict(Calibrator(method).state_dict())
+    assert not fresh.fitted and torch.equal(fresh(z), z)
 
 
 def test_a_checkpoint_from_before_calibration_loads_unfitted_and_casts_keep_float64():

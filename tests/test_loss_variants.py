@@ -294,6 +294,20 @@ def test_nfl_at_gamma_zero_is_nce_and_a_vanishing_ldam_margin_is_cross_entropy()
     torch.testing.assert_close(ldam(logits, target), ce, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_one_class_is_a_zero_loss_with_zero_gradient_labelled_or_ignored(name):
+    """C = 1: every loss is 0 (NCE's normaliser sum_j L(p, j) is 0 there: 0 / 0 must not become a NaN value or a
+    NaN gradient through a masked-out ignored row)."""
+    for target in (torch.tensor([IGNORE]), torch.tensor([0, IGNORE]), torch.tensor([0, 0])):
+        logits = torch.randn(len(target), 1, dtype=torch.float64, requires_grad=True)
+        loss = LOSSES[name](ignore_index=IGNORE)
+        if loss.needs_class_counts:
+            loss.set_class_counts([3.0])
+        value = loss(logits, target)
+        (grad,) = torch.autograd.grad(value, logits)
+        assert value.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), (name, target)
+
+
 def test_deferred_reweighting_switches_the_class_weights_on_at_its_epoch():
     logits, target = make_inputs("index", True, seed=13)
     loss = LDAMLoss(class_weights="effective_number", beta=0.9999, reweight_from_epoch=2)
@@ -366,6 +380,59 @@ def test_symmetric_ce_index_form_is_minus_a_times_one_minus_p():
     ours = SymmetricCrossEntropyLoss(sce_alpha=0.0 + 1e-300, sce_beta=1.0, reduction="none")(logits, target)
     p_y = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
     torch.testing.assert_close(ours, 4.0 * (1 - p_y), rtol=1e-10, atol=1e-10)
+
+
+def test_logit_adjustment_through_the_generic_path_keeps_the_z_loss_on_the_raw_logits():
+    """A subclass overriding per_sample_loss takes the generic path: its logits are shifted by tau log pi for the
+    loss, and the z-loss still sees the raw logits, as on the fused path and in the hand formula."""
+
+    class Generic(LogitAdjustedLoss):
+        def per_sample_loss(self, log_probs, target, weight):
+            return super().per_sample_loss(log_probs, target, weight)
+
+    knobs = dict(tau=1.5, z_loss=0.05)
+    logits, target = make_inputs("index", True, seed=15)
+    for smoothing in (0.0, 0.1):
+        fused = build("logit_adjusted", knobs, WEIGHTS, "mean", smoothing)
+        generic = Generic(**knobs, class_weights=WEIGHTS, label_smoothing=smoothing)
+        generic.set_class_counts(COUNTS)
+        assert fused._uses_fast_path() and not generic._uses_fast_path()
+        hand = hand_loss("logit_adjusted", knobs, logits, target, WEIGHTS, "mean", smoothing)
+        v_hand, g_hand = value_and_grad(hand, logits)
+        for loss in (fused, generic):
+            v, g = value_and_grad(loss(logits, target), logits)
+            torch.testing.assert_close(v, v_hand, **TOL)
+            torch.testing.assert_close(g, g_hand, **TOL)
+
+
+def test_generalized_ce_at_a_small_q_keeps_float32_precision():
+    """``-expm1(q log p) / q``: at small q the float32 loss is the paper's ``(1 - p**q) / q`` in float64 on the same
+    logits to float32 precision (``1 - exp(q log p)`` would lose digits to cancellation: ~1e-3 at q = 1e-4)."""
+    g = torch.Generator().manual_seed(16)
+    logits = torch.randn(64, C, generator=g) * 2
+    target = torch.randint(0, C, (64,), generator=g)
+    p_y = logits.double().softmax(1).gather(1, target[:, None]).squeeze(1)
+    for q in (1e-2, 1e-4):
+        ours = GeneralizedCrossEntropyLoss(q=q, reduction="none")(logits, target)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), (1 - p_y**q) / q, rtol=2e-6, atol=0)
+
+
+def test_one_minus_p_terms_are_exact_as_p_goes_to_one():
+    """The class_loss hook on given log-probabilities near 0 (a caller's exact log p): ``1 - p = -expm1(log p)``
+    keeps every digit where ``1 - exp(log p)`` keeps a few. Reference: the formulas in 40-digit decimals."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 40
+    log_p = [-1e-12, -1e-9, -1e-6, -1e-3, -1.0, -30.0]
+    one_minus_p = [1 - Decimal(v).exp() for v in log_p]
+    cases = [(FocalLoss(gamma=2.0), [d**2 * -Decimal(v) for v, d in zip(log_p, one_minus_p)]),
+             (Poly1Loss(epsilon=1.0), [-Decimal(v) + d for v, d in zip(log_p, one_minus_p)]),
+             (GeneralizedCrossEntropyLoss(q=0.5), [(1 - (Decimal(v) / 2).exp()) * 2 for v in log_p])]
+    for loss, expected in cases:
+        got = loss.class_loss(torch.tensor(log_p, dtype=torch.float64))
+        torch.testing.assert_close(got, torch.tensor([float(e) for e in expected], dtype=torch.float64),
+                                   rtol=1e-14, atol=0, msg=type(loss).__name__)
 
 
 # ---- stable paths ------------------------------------------------------------------------------------------

@@ -252,6 +252,12 @@ def test_probability_targets_are_checked_in_every_row():
         bad_sums[4:] *= 1.5
         with pytest.raises(ValueError, match=r"3 of 7 rows do not; worst row sum is 1\.5"):
             loss(logits, bad_sums)
+    # one row of many just past the tolerance (1e-3): the worst row is checked, not an average over rows
+    many_logits, many = make_inputs(False, True, False, seed=6, n=40)
+    many[17] *= 1.002
+    for loss in (CrossEntropyLoss(), CrossEntropyLoss(WEIGHTS), GenericCE(), cross_entropy):
+        with pytest.raises(ValueError, match=r"1 of 40 rows do not; worst row sum is 1\.002"):
+            loss(many_logits, many)
 
 
 def test_ignore_index_inside_class_range():
@@ -278,10 +284,12 @@ def test_any_integer_target_dtype(dtype):
 @pytest.mark.parametrize("weights", [None, WEIGHTS])
 @pytest.mark.parametrize("ls", [0.0, 0.2])
 @pytest.mark.parametrize("loss_cls", [CrossEntropyLoss, GenericCE])
-def test_all_ignored_is_zero_with_zero_grad(reduction, weights, ls, loss_cls):
+@pytest.mark.parametrize("validate", [True, False])
+def test_all_ignored_is_zero_with_zero_grad(reduction, weights, ls, loss_cls, validate):
+    """With validation the sync's denominator decides; without, the safe mean (0 / 0 := 0) does."""
     logits = torch.randn(4, C, dtype=torch.float64, requires_grad=True)
     target = torch.full((4,), IGNORE)
-    loss = loss_cls(weights, reduction=reduction, label_smoothing=ls)(logits, target)
+    loss = loss_cls(weights, reduction=reduction, label_smoothing=ls, validate=validate)(logits, target)
     assert torch.isnan(F.cross_entropy(logits, target)) or reduction == "sum"  # torch: nan mean
     assert loss.item() == 0.0
     (grad,) = torch.autograd.grad(loss, logits)
@@ -522,6 +530,7 @@ def _nan_logits():
          {}, r"worst row sum is 0\.5"),
         (torch.randn(4, C), torch.full((4, C), float("nan")), {}, r"worst row sum is nan"),
         (torch.randn(4, C), torch.rand(4, C).softmax(1), dict(ignore_index=3), r"ignore_index=3"),
+        (torch.randn(4, C), torch.rand(4, C).softmax(1), dict(ignore_index=0), r"ignore_index=0 is not supported"),
         (torch.randn(4, C), torch.zeros(4, dtype=torch.long), dict(class_weights=[1.0, 2.0, 3.0]),
          r"3 entries.*C=5"),
         (_nan_logits(), torch.zeros(4, dtype=torch.long), {}, r"2 non-finite.*learning rate"),
@@ -548,8 +557,9 @@ def test_bad_class_indices_both_validation_paths(monkeypatch, sanitise, loss_cls
     logits, target = make_inputs(False, False, True)
     for kwargs in ({}, dict(class_weights=WEIGHTS, label_smoothing=0.1)):
         loss = loss_cls(**kwargs)
-        for bad in (torch.tensor([0, 7, IGNORE, 1, 2, 3, 4]), torch.tensor([0, -3, IGNORE, 1, 2, 3, 4])):
-            with pytest.raises(ValueError, match=r"1 class indices outside \[0, 5\).*value (7|-3)"):
+        for bad in (torch.tensor([0, 7, IGNORE, 1, 2, 3, 4]), torch.tensor([0, -3, IGNORE, 1, 2, 3, 4]),
+                    torch.tensor([0, 5, IGNORE, 1, 2, 3, 4])):  # 5 = C: the first index past the end
+            with pytest.raises(ValueError, match=r"1 class indices outside \[0, 5\).*value (7|-3|5)"):
                 loss(logits, bad)
         ref = F.cross_entropy(logits, target, weight=None if not kwargs else torch.tensor(WEIGHTS).double(),
                               label_smoothing=kwargs.get("label_smoothing", 0.0))
@@ -671,6 +681,10 @@ def test_functional_matches_module_and_rejects_strategies():
             **TOL64,
         )
     assert cross_entropy(logits, torch.full_like(target, IGNORE), WEIGHTS).item() == 0.0
+    with_z = cross_entropy(logits, target, w, IGNORE, "mean", 0.2, z_loss=0.05)
+    torch.testing.assert_close(with_z, CrossEntropyLoss(w, IGNORE, "mean", 0.2, z_loss=0.05)(logits, target), **TOL64)
+    assert not torch.allclose(with_z, cross_entropy(logits, target, w, IGNORE, "mean", 0.2))
+    assert torch.isnan(cross_entropy(_nan_logits(), torch.zeros(4, dtype=torch.long), validate=False))
     with pytest.raises(ValueError, match=r"'balanced'"):
         cross_entropy(logits, target, "balanced")
 

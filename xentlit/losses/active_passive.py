@@ -46,7 +46,8 @@ class ActivePassiveLoss(CrossEntropyLoss):
         if self.gamma > 0.0:
             one_minus_p = (-torch.expm1(log_probs)).clamp_min(torch.finfo(log_probs.dtype).tiny)
             active = active * one_minus_p.pow(self.gamma)
-        normalised = expectation(active, target) / active.sum(dim=1)
+        total = active.sum(dim=1)  # > 0 unless C = 1, where every L(p, c) is 0: 0 / 1, not 0 / 0 (a NaN gradient)
+        normalised = expectation(active, target) / torch.where(total > 0, total, 1.0)
         rows = self.apl_alpha * normalised + self.apl_beta * reverse_cross_entropy(log_probs, target, self.log_zero)
         row_w = row_weight(target, weight)
         return rows if row_w is None else rows * row_w
