@@ -173,3 +173,16 @@ def test_calibration_without_a_validation_split_is_refused_before_training(compo
         build(cfg)
     ok = compose("data.val_fraction=0", "calibration=none", f"paths.output_dir={tmp_path}")
     assert build(ok)[1].calibrator.method == "none"  # without calibration the run may start
+
+
+def test_an_unfitted_temperature_saved_and_reloaded_stays_unfitted():
+    """A checkpoint written during training (before the post-hoc step) holds T = 1 unfitted: eval must not
+    report it as a calibration."""
+    saved = Calibrator("temperature").state_dict()
+    fresh = Calibrator("temperature")
+    fresh.load_state_dict(saved)
+    assert not fresh.fitted
+    z, y = sampled(n=500, c=3, seed=6)
+    fitted = Calibrator("temperature").fit(z, y)
+    fresh.load_state_dict(fitted.state_dict())
+    assert fresh.fitted

@@ -111,6 +111,7 @@ class Calibrator(nn.Module):
     temperature: Tensor
     scale: Tensor
     bias: Tensor
+    is_fitted: Tensor
 
     def __init__(self, method: str = "none") -> None:
         super().__init__()
@@ -120,7 +121,12 @@ class Calibrator(nn.Module):
         self.register_buffer("temperature", torch.ones((), dtype=torch.float64))
         self.register_buffer("scale", torch.empty(0, dtype=torch.float64))
         self.register_buffer("bias", torch.empty(0, dtype=torch.float64))
-        self.fitted = False
+        self.register_buffer("is_fitted", torch.zeros((), dtype=torch.bool))  # in the checkpoint with the values
+
+    @property
+    def fitted(self) -> bool:
+        """Whether `fit` set the parameters (here or in the run that saved them)."""
+        return bool(self.is_fitted)
 
     def fit(self, logits: Tensor, target: Tensor, ignore_index: int = -100) -> Calibrator:
         """Fit the method's parameters on validation ``logits`` (N, C) and labels (never the training split)."""
@@ -128,7 +134,7 @@ class Calibrator(nn.Module):
             self.temperature = torch.tensor(fit_temperature(logits, target, ignore_index), dtype=torch.float64)
         elif self.method == "vector":
             self.scale, self.bias = fit_vector_scaling(logits, target, ignore_index)
-        self.fitted = True
+        self.is_fitted = torch.tensor(self.method != "none", device=self.is_fitted.device)
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
@@ -150,11 +156,10 @@ class Calibrator(nn.Module):
                 setattr(self, name, torch.empty_like(incoming, dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self.fitted = self.method != "none" and (self.method != "vector" or self.scale.numel() > 0)
 
     def _apply(self, fn: object, recurse: bool = True) -> Calibrator:
         # Module casts (.half(), Lightning's "bf16-true") move the fitted parameters but keep them float64.
-        before = {name: getattr(self, name) for name in ("temperature", "scale", "bias")}
+        before = {name: getattr(self, name) for name in ("temperature", "scale", "bias", "is_fitted")}
         super()._apply(fn, recurse)  # type: ignore[arg-type]
         for name, old in before.items():
             new = getattr(self, name)
