@@ -51,21 +51,24 @@ boundary (kept as a CPU copy, or the initial weights during the first epoch), cl
 and sets ``trainer.should_stop``: training ends cleanly and every checkpoint Lightning writes afterwards holds
 finite weights, while the checkpoints written before stay as they were.
 
-Cost: per training step the doctor keeps references to the step's (already detached) logits and targets and
-reads the loss scalar the module returned; the statistics are computed in chunks (once per epoch for small
+Cost: per optimiser step the doctor reads the step's loss (one scalar; the gradient norm too on the first steps,
+the first step of each epoch and then every ``trainer.log_every_n_steps`` steps) and keeps references to the
+step's (already detached) logits and targets; their statistics are computed in chunks (once per epoch for small
 problems, or whenever about ``chunk_size`` logits have accumulated), so the number of kernels per step stays
-near zero and memory stays bounded. The gradient norm is computed on the first steps and then every
-``trainer.log_every_n_steps`` steps. On CPU the per-step loss is read directly (no device to wait for); on
+near zero and memory stays bounded. On CPU the per-step loss is read directly (no device to wait for); on
 CUDA it is copied asynchronously into pinned memory and read one step later, so the host never waits for the
 current step. Epoch statistics are all-reduced once per epoch (one collective, called on every rank), so DDP
 cannot deadlock and every rank takes the same decisions. Expensive checks (first batches, initial loss) run
-once.
+once. Reductions over a short class dimension are written as matrix-vector products where torch's CPU kernels
+for them are slow.
 
-Layout: :mod:`~xentlit.callbacks.doctor.callback` gathers (Lightning hooks) and dispatches to the checks of
-:mod:`~xentlit.callbacks.doctor.checks` (one class per code, registered in ``CHECKS``), through
-:mod:`~xentlit.callbacks.doctor.diagnosis` (each code once); ``batch``, ``first_step``, ``statistics``, ``steps``
-and ``epoch`` measure what the checks judge, ``snapshot`` keeps the weights divergence restores, ``report`` writes
-``diagnosis.json`` and the summary.
+Layout: :class:`~xentlit.callbacks.doctor.callback.ConvergenceDoctor` (settings, report, Lightning hooks) hands
+each hook to the fit's :class:`~xentlit.callbacks.doctor.examination.Examination`, which gathers what the checks
+need and calls the checks of that moment (:mod:`~xentlit.callbacks.doctor.checks`: one class per code,
+registered in ``CHECKS``) through :mod:`~xentlit.callbacks.doctor.diagnosis` (each code reported once).
+``batch``, ``first_step``, ``statistics``, ``steps`` and ``epoch`` measure what the checks judge
+(``observations`` holds what they receive), ``contract`` reads any LightningModule, ``snapshot`` keeps the
+weights divergence restores, and ``report`` writes ``diagnosis.json`` and the summary.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from xentlit.callbacks.doctor.epoch import sum_over_ranks, train_epoch, val_epoc
 from xentlit.callbacks.doctor.first_step import FirstLayerProbe, first_step
 from xentlit.callbacks.doctor.observations import FitState
 from xentlit.callbacks.doctor.snapshot import WeightSnapshot
-from xentlit.callbacks.doctor.statistics import EpochSums, train_statistics, validation_statistics
+from xentlit.callbacks.doctor.statistics import EpochSums, Item, train_statistics, validation_statistics
 from xentlit.callbacks.doctor.steps import Ready, StepWatch
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ class Examination:
         self._probe = FirstLayerProbe()
         self._steps = StepWatch()
         limit = 4 * settings.chunk_size
-        self._train = EpochSums(lambda items: train_statistics(items, state.ignore_index, self._dtype), limit)
-        self._val = EpochSums(lambda items: validation_statistics(items, state.ignore_index, self._dtype), limit)
+        self._train = EpochSums(self._train_statistics, limit)
+        self._val = EpochSums(self._validation_statistics, limit)
         self._val_pending: list[tuple[int, int, Tensor | None]] = []  # validation runs of this training epoch
         self._dm_counts: Tensor | None = None
         self._snapshot = WeightSnapshot()
@@ -76,6 +76,12 @@ class Examination:
 
     def measure_weight_change(self) -> None:
         self._snapshot.measure_change = True
+
+    def _train_statistics(self, items: list[Item]) -> tuple[Tensor, int, int] | None:
+        return train_statistics(items, self.state.ignore_index, self._dtype)
+
+    def _validation_statistics(self, items: list[Item]) -> tuple[Tensor, int, int] | None:
+        return validation_statistics(items, self.state.ignore_index, self._dtype)
 
     def _dispatch(self, event: str, *args: Any) -> list[str]:
         return self.diagnosis.dispatch(self, self.trainer, event, *args)
@@ -163,7 +169,7 @@ class Examination:
     def _first_step(self, pl_module: pl.LightningModule, logits: Tensor, target: Tensor,
                     rows: list[int] | None) -> bool:
         """The first training step's checks; whether its statistics were added to the epoch's."""
-        stats = train_statistics([(logits, target, rows)], self.state.ignore_index, self._dtype)
+        stats = self._train_statistics([(logits, target, rows)])
         if stats is not None:
             self._train.add_reduced(stats)
         first = first_step(pl_module, logits, target, stats[0] if stats is not None else None, self._probe,

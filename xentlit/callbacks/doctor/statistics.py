@@ -84,7 +84,8 @@ class EpochSums:
 
 
 def _flatten_items(items: list[Item]) -> tuple[Tensor, Tensor, list[Item]] | None:
-    """The chunk's logits ``(M, C)`` and targets concatenated, and the steps kept (same C, same target kind)."""
+    """The chunk's logits ``(M, C)`` (float32) and targets concatenated, and the steps kept (same C,
+    same target kind)."""
     c = items[0][0].shape[1]
     soft = None
     kept, flat = [], []
@@ -102,8 +103,8 @@ def _flatten_items(items: list[Item]) -> tuple[Tensor, Tensor, list[Item]] | Non
     if not flat:
         return None
     if len(flat) == 1:
-        return flat[0][0], flat[0][1], kept
-    return torch.cat([lg for lg, _ in flat]), torch.cat([t for _, t in flat]), kept
+        return flat[0][0].float(), flat[0][1], kept
+    return torch.cat([lg for lg, _ in flat]).float(), torch.cat([t for _, t in flat]), kept
 
 
 def _valid_targets(t: Tensor, c: int, ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -161,9 +162,8 @@ def train_statistics(items: list[Item], ignore_index: int, dtype: torch.dtype) -
     flat = _flatten_items(items)
     if flat is None:
         return None
-    lg, t, items = flat
-    c = lg.shape[1]
-    x = lg.float()
+    x, t, items = flat
+    c = x.shape[1]
     lse, maxprob, _ = _log_partition(x)
     if t.is_floating_point() and t.shape == x.shape:
         nll_sum = _nll_sum(x, lse, t, None, None)
@@ -188,9 +188,8 @@ def validation_statistics(items: list[Item], ignore_index: int, dtype: torch.dty
     flat = _flatten_items(items)
     if flat is None:
         return None
-    lg, t, kept = flat
-    c = lg.shape[1]
-    x = lg.float()
+    x, t, kept = flat
+    c = x.shape[1]
     lse, conf, pred = _log_partition(x, with_argmax=True)
     assert pred is not None
     if t.is_floating_point() and t.shape == x.shape:

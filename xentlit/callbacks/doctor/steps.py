@@ -126,5 +126,7 @@ class StepWatch:
         """Queue the step's loss with the gradient norm measured since the last read; the steps readable now."""
         norm, self._norm = self._norm, None
         if self.on_cpu:  # (the common path, every step: kept short)
+            if loss is None and norm is None:
+                return []
             return [(step, None if loss is None else loss.item(), None if norm is None else norm.item())]
         return self.reader.push(step, loss, norm)
