@@ -94,7 +94,8 @@ def test_gradient_accumulation_equals_one_big_batch_exactly():
 
 def test_hyperparameters_hold_no_modules_and_checkpoints_load_weights_only(tmp_path):
     module = XentModule(MLP(6, 3), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
-    assert set(module.hparams) == {"num_classes", "loss_normalization", "ece_bins", "compile", "steps_per_execution"}
+    assert set(module.hparams) == {"num_classes", "loss_normalization", "ece_bins", "compile", "steps_per_execution",
+                                   "calibration"}
     x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     trainer = _trainer(max_epochs=1, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=_loader(x, y), val_dataloaders=_loader(x, y))

@@ -55,7 +55,9 @@ def test_a_run_that_fails_after_composing_records_the_failure(tmp_path):
 
 
 def test_ctrl_c_prints_the_resume_command_and_the_run_resumes(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train.py"), "trainer.max_epochs=40", "data.batch_size=16"],
+    # no early stopping: the run must still be training when the signal comes, however fast the machine
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train.py"), "trainer.max_epochs=60", "data.batch_size=16",
+                             "callbacks.early_stopping=null"],
                             cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240

@@ -228,7 +228,8 @@ def test_old_sweeper_overrides_point_to_the_search_settings():
 
 
 def test_the_training_script_points_a_search_to_its_command(monkeypatch):
-    from xentlit.cli import hydra_entry, train
+    from xentlit.cli import train
+    from xentlit.entry import hydra_entry
 
     monkeypatch.setattr(sys, "argv", ["train.py", "hparams_search=optuna", "hparams_search.n_trials=5"])
     with pytest.raises(SystemExit, match="its own command: xentlit search"):
