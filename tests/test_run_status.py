@@ -58,6 +58,9 @@ def test_ctrl_c_prints_the_resume_command_and_the_run_resumes(tmp_path):
     # no early stopping: the run must still be training when the signal comes, however fast the machine
     proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train.py"), "trainer.max_epochs=60", "data.batch_size=16",
                              "callbacks.early_stopping=null"],
+                            # as at a terminal: Ctrl-C is not ignored (a pytest worker may have inherited or set an
+                            # ignored SIGINT, which a child would inherit; Python then never raises KeyboardInterrupt)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
