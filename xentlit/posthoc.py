@@ -47,7 +47,7 @@ def fit_calibration(module: nn.Module, datamodule: Any, ignore_index: int, n_bin
     training split)."""
     calibrator: Calibrator = getattr(module, CALIBRATOR_KEY)
     val_logits, val_y = split_logits(module, datamodule.val_dataset)
-    if not bool((val_y != ignore_index).any()) if len(val_y) else True:
+    if not bool((val_y != ignore_index).any()):  # (False for an empty split too)
         raise ValueError(
             f"calibration={calibrator.method} is fitted on the validation split, which has no labelled rows here; "
             "use a data.val_fraction > 0, or calibration=none"
